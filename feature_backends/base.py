@@ -1,0 +1,278 @@
+"""One base class per backend kind, with a checked configuration.
+
+Every backend declares `default_conf`; the configurations of its parent classes are deep-merged under it, the
+user's configuration is merged on top, and any key the backend does not declare raises `ConfigError` (hloc and
+LightGlue accept unknown keys silently, so a typo such as `max_keypoint` silently does nothing there). The
+result is frozen: a backend cannot mutate its configuration behind the caller's back.
+
+The four kinds share the keys of hloc's files:
+- LocalFeatures: image → keypoints (N,2) in original-image pixels, hloc convention (the centre of the top-left
+  pixel is (0, 0)), descriptors (D,N), scores (N,).
+- SparseMatcher: two feature sets → matches0 (N0,) with -1 for unmatched, matching_scores0 (N0,).
+- DenseMatcher: two images → corresponding points (M,2)+(M,2) with a certainty, in original-image pixels.
+- GlobalDescriptor: image → one L2-normalised vector (D,).
+
+Backends take numpy images in [0, 1] (H,W,C) from feature_backends.images and return numpy arrays; the
+torch device, resizing and mixed precision are handled here once, so a backend implements only its forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .images import resize_image
+
+REQUIRED = "???"  # a default_conf value that the user must set
+
+
+class Conf(Mapping):
+    """A frozen, attribute-accessible configuration (nested mappings are frozen too)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any]):
+        object.__setattr__(self, "_data", {k: Conf(v) if isinstance(v, Mapping) else v for k, v in data.items()})
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._data[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise TypeError("configurations are frozen; pass a new conf to the constructor instead")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"Conf({self.to_dict()!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v.to_dict() if isinstance(v, Conf) else copy.deepcopy(v) for k, v in self._data.items()}
+
+
+def merge_conf(defaults: Mapping[str, Any], overrides: Mapping[str, Any] | None, where: str = "") -> dict[str, Any]:
+    """Deep-merge `overrides` into `defaults`; a key absent from `defaults` is an error."""
+    merged = {k: (dict(v) if isinstance(v, Mapping) else copy.deepcopy(v)) for k, v in defaults.items()}
+    for key, value in (overrides or {}).items():
+        if key not in defaults:
+            known = ", ".join(sorted(defaults))
+            raise ConfigError(f"unknown configuration key '{where}{key}'; known keys: {known}")
+        if isinstance(defaults[key], Mapping) and isinstance(value, Mapping):
+            merged[key] = merge_conf(defaults[key], value, where=f"{where}{key}.")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _missing_keys(conf: Mapping[str, Any], prefix: str = "") -> list[str]:
+    missing = []
+    for key, value in conf.items():
+        if isinstance(value, Mapping):
+            missing += _missing_keys(value, f"{prefix}{key}.")
+        elif isinstance(value, str) and value == REQUIRED:
+            missing.append(prefix + key)
+    return missing
+
+
+def select_device(device: str | torch.device | None = None) -> torch.device:
+    """`None` or "auto" picks CUDA when present, else CPU; anything else is taken as given."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' was requested but CUDA is not available here; use --device cpu")
+    return device
+
+
+class Backend:
+    """Common machinery: configuration, device, mixed precision, named weights."""
+
+    kind: ClassVar[str] = ""
+    default_conf: ClassVar[dict[str, Any]] = {"mixed_precision": True}
+    #: Weight files this backend can load, by variant name (see feature_backends.weights.WeightFile).
+    weight_files: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, conf: Mapping[str, Any] | None = None, device: str | torch.device | None = None):
+        merged = merge_conf(self.full_default_conf(), conf, where=f"{type(self).__name__}.")
+        missing = _missing_keys(merged)
+        if missing:
+            raise ConfigError(f"{type(self).__name__} needs a value for: {', '.join(missing)}")
+        self.conf = Conf(merged)
+        self.device = select_device(device)
+        self._init(self.conf)
+
+    @classmethod
+    def full_default_conf(cls) -> dict[str, Any]:
+        """`default_conf` of every class in the MRO, deep-merged from the root down (children win)."""
+        conf: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            own = klass.__dict__.get("default_conf")
+            if own:
+                conf = _deep_update(conf, own)
+        return conf
+
+    def _init(self, conf: Conf) -> None:
+        """Build the model. Subclasses load weights here."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """fp16 autocast on CUDA when `mixed_precision` is on; full precision on CPU, where fp16 is slow."""
+        if self.device.type == "cuda" and self.conf.mixed_precision:
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """(H,W,C) numpy in [0,1] → (1,C,H,W) float tensor on the backend's device."""
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float().to(self.device)
+
+
+def _to_numpy(value: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def _deep_update(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class LocalFeatures(Backend):
+    """Detect and describe keypoints in one image.
+
+    Subclasses implement `_extract(image)` on a (1,C,h,w) tensor of the resized image and return keypoints
+    (N,2) in resized-image pixels (hloc convention), descriptors (N,D) and scores (N,). The base resizes, maps
+    keypoints back to the original resolution and enforces `max_keypoints`.
+    """
+
+    kind = "features"
+    default_conf = {
+        "max_keypoints": 4096,
+        "resize_max": 1600,  # longer side in pixels, None keeps the original size
+        "resize_force": False,  # also upscale images smaller than resize_max
+        "grayscale": False,
+    }
+    #: Sides of the network input must be multiples of this (e.g. 8 or 14).
+    size_multiple: ClassVar[int] = 1
+    #: Descriptor storage dtype in features.h5.
+    descriptor_dtype: ClassVar[Any] = np.float32
+
+    def _extract(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _extract_image(self, image: np.ndarray) -> dict[str, np.ndarray | torch.Tensor]:
+        """Run the model on the resized (H,W,C) image; non-torch backends (SIFT) override this instead."""
+        with torch.inference_mode(), self.autocast():
+            return self._extract(self.to_tensor(image))
+
+    def extract(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        height, width = image.shape[:2]
+        resized, scale = resize_image(image, self.conf.resize_max, self.conf.resize_force, self.size_multiple)
+        pred = {key: _to_numpy(value) for key, value in self._extract_image(resized).items()}
+        keypoints = pred["keypoints"].reshape(-1, 2)
+        descriptors = pred["descriptors"].reshape(len(keypoints), -1)
+        scores = pred["scores"].reshape(-1)
+        max_keypoints = self.conf.max_keypoints
+        if max_keypoints is not None and len(keypoints) > max_keypoints:
+            keep = np.argsort(-scores, kind="stable")[:max_keypoints]
+            keypoints, descriptors, scores = keypoints[keep], descriptors[keep], scores[keep]
+        # Pixel centres sit at integer coordinates: scale about the centre of the top-left pixel.
+        keypoints = (keypoints + 0.5) / np.asarray(scale, np.float32) - 0.5
+        return {
+            "keypoints": keypoints.astype(np.float32),
+            "descriptors": np.ascontiguousarray(descriptors.T).astype(self.descriptor_dtype),
+            "scores": scores.astype(np.float32),
+            "image_size": np.array([width, height], dtype=np.int64),
+        }
+
+
+class SparseMatcher(Backend):
+    """Match two feature sets.
+
+    Subclasses implement `_match(data)` on tensors with a leading batch dimension of 1: keypoints0/1 (1,N,2),
+    descriptors0/1 (1,D,N), scores0/1 (1,N), image_size0/1 (1,2) = (width, height); they return matches0 (1,N0)
+    with -1 for unmatched and matching_scores0 (1,N0).
+    """
+
+    kind = "matcher"
+    default_conf: ClassVar[dict[str, Any]] = {}
+    #: Inputs that must be present in both feature sets.
+    required_inputs: ClassVar[tuple[str, ...]] = ("keypoints", "descriptors")
+
+    def _match(self, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def match(self, features0: Mapping[str, np.ndarray], features1: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        data: dict[str, torch.Tensor] = {}
+        for suffix, feats in (("0", features0), ("1", features1)):
+            missing = [k for k in self.required_inputs if k not in feats]
+            if missing:
+                raise ConfigError(f"{type(self).__name__} needs {missing} in the feature file")
+            for key, value in feats.items():
+                tensor = torch.from_numpy(np.asarray(value))
+                if tensor.is_floating_point():
+                    tensor = tensor.float()
+                data[key + suffix] = tensor[None].to(self.device)
+        if data["keypoints0"].shape[1] == 0 or data["keypoints1"].shape[1] == 0:
+            n0 = data["keypoints0"].shape[1]
+            return {"matches0": np.full(n0, -1, np.int32), "matching_scores0": np.zeros(n0, np.float32)}
+        with torch.inference_mode(), self.autocast():
+            pred = self._match(data)
+        return {
+            "matches0": pred["matches0"][0].cpu().numpy().astype(np.int32),
+            "matching_scores0": pred["matching_scores0"][0].float().cpu().numpy().astype(np.float32),
+        }
+
+
+class DenseMatcher(Backend):
+    """Match two images densely.
+
+    `match_images(image0, image1)` returns sampled correspondences keypoints0/1 (M,2) in original-image pixels
+    (hloc convention) and their `scores` (M,). Subclasses that can expose the full warp implement
+    `warp_images`, which the anchored keypoint mode uses.
+    """
+
+    kind = "dense"
+    default_conf: ClassVar[dict[str, Any]] = {}
+
+    def match_images(self, image0: np.ndarray, image1: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class GlobalDescriptor(Backend):
+    """One L2-normalised vector per image, for retrieval."""
+
+    kind = "global"
+    default_conf = {"resize_max": 1024, "resize_force": False}
+    size_multiple: ClassVar[int] = 1
+
+    def prepare(self, image_dir: str, names: list[str]) -> None:
+        """Fit collection-dependent state (e.g. a VLAD codebook) before `describe`; learned models need none."""
+
+    def _describe(self, image: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self, image: np.ndarray) -> np.ndarray:
+        resized, _ = resize_image(image, self.conf.resize_max, self.conf.resize_force, self.size_multiple)
+        with torch.inference_mode(), self.autocast():
+            descriptor = self._describe(self.to_tensor(resized)).float().reshape(-1)
+        return torch.nn.functional.normalize(descriptor, dim=0).cpu().numpy().astype(np.float32)

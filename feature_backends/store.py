@@ -1,0 +1,335 @@
+"""The only module that touches HDF5: hloc's features.h5, matches.h5 and global-feats.h5.
+
+Layout (identical to hloc, so files move both ways):
+- features.h5: one group per image, named by its path relative to the image folder ('/' makes nested groups);
+  datasets `keypoints` (N,2) (hloc convention: pixel centres at integer coordinates), `descriptors` (D,N),
+  `scores` (N,), `image_size` (2,) = (width, height); attribute `uncertainty` on keypoints.
+  Keypoints stay float32 even when descriptors are stored as float16 (hloc's `as_half` also halves keypoints,
+  which snaps coordinates above 2048 px to 2-px steps).
+- matches.h5: group `names_to_pair(name0, name1)` with `matches0` (N0,) int32 (-1 = unmatched) and
+  `matching_scores0` (N0,). Readers also find the reversed pair and hloc's legacy '_' separator, and read hloc's
+  int16 matches and float16 keypoints.
+- global-feats.h5: `/<name>/global_descriptor` (D,).
+
+Crash safety: writers work on `<file>.partial` and publish it with an atomic rename at checkpoints (every
+`checkpoint_seconds`, adaptively longer for big files) and on exit, including on exceptions and Ctrl-C. The
+published file is therefore always a complete, closed HDF5 file; a run killed with SIGKILL loses at most the last
+checkpoint interval, and the next run resumes from the published file. HDF5 itself offers no such guarantee
+(SWMR forbids creating groups), hence this journal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .errors import ConfigError, InputError, ReconError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_CONF_ATTR = "recon_conf"
+
+
+def names_to_pair(name0: str, name1: str, separator: str = "/") -> str:
+    return separator.join((name0.replace("/", "-"), name1.replace("/", "-")))
+
+
+def names_to_pair_legacy(name0: str, name1: str) -> str:
+    return names_to_pair(name0, name1, separator="_")
+
+
+def _open_for_reading(path: str | Path) -> h5py.File:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"HDF5 file '{path}' does not exist")
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as error:
+        raise ReconError(f"'{path}' is not a readable HDF5 file ({error}); delete it to recompute") from error
+
+
+def _walk_datasets_parent(group: h5py.Group, marker: str, prefix: str = "") -> Iterator[str]:
+    """Names of groups below `group` that hold a dataset called `marker` (image names may be nested)."""
+    for key, item in group.items():
+        if isinstance(item, h5py.Group):
+            name = f"{prefix}{key}"
+            if marker in item and isinstance(item[marker], h5py.Dataset):
+                yield name
+            else:
+                yield from _walk_datasets_parent(item, marker, name + "/")
+
+
+class _Journal:
+    """An HDF5 file opened for appending through a `.partial` copy, published atomically."""
+
+    def __init__(self, path: str | Path, conf: Mapping[str, Any] | None, checkpoint_seconds: float):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.checkpoint_seconds = checkpoint_seconds
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.partial.exists():
+            logger.info("Discarding %s left by an interrupted run; resuming from %s", self.partial, self.path)
+            self.partial.unlink()
+        if self.path.exists():
+            _open_for_reading(self.path).close()  # a corrupt file is reported, never silently overwritten
+            shutil.copyfile(self.path, self.partial)
+        self.file = h5py.File(self.partial, "a", locking=False)
+        self._check_conf(conf)
+        self._last_checkpoint = time.monotonic()
+        self._copy_seconds = 0.0
+        self.dirty = False
+
+    def _check_conf(self, conf: Mapping[str, Any] | None) -> None:
+        if conf is None:
+            return
+        text = json.dumps(conf, sort_keys=True, default=str)
+        stored = self.file.attrs.get(_CONF_ATTR)
+        if stored is not None and stored != text and len(self.file.keys()) > 0:
+            self.file.close()
+            self.partial.unlink()
+            raise ConfigError(
+                f"'{self.path}' was written with a different configuration:\n  stored: {stored}\n  now:    {text}\n"
+                "Write to a new file, or delete this one to recompute."
+            )
+        self.file.attrs[_CONF_ATTR] = text
+        self.file.attrs["recon_format_version"] = FORMAT_VERSION
+
+    def maybe_checkpoint(self) -> None:
+        interval = max(self.checkpoint_seconds, 20 * self._copy_seconds)
+        if self.dirty and time.monotonic() - self._last_checkpoint > interval:
+            self.publish(reopen=True)
+
+    def publish(self, reopen: bool) -> None:
+        self.file.flush()
+        self.file.close()
+        os.replace(self.partial, self.path)
+        if reopen:
+            start = time.monotonic()
+            shutil.copyfile(self.path, self.partial)
+            self._copy_seconds = time.monotonic() - start
+            self.file = h5py.File(self.partial, "a", locking=False)
+        self._last_checkpoint = time.monotonic()
+        self.dirty = False
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.publish(reopen=False)
+
+
+class _Writer:
+    def __init__(self, path: str | Path, conf: Mapping[str, Any] | None = None, checkpoint_seconds: float = 30.0):
+        self._journal = _Journal(path, conf, checkpoint_seconds)
+        self.path = self._journal.path
+
+    @property
+    def _file(self) -> h5py.File:
+        return self._journal.file
+
+    def _committed(self) -> None:
+        self._journal.dirty = True
+        self._journal.maybe_checkpoint()
+
+    def close(self) -> None:
+        self._journal.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class FeatureWriter(_Writer):
+    """Append images to a features.h5; `names` are those already stored (skip them to resume)."""
+
+    def __init__(self, path, conf=None, as_half: bool = False, checkpoint_seconds: float = 30.0):
+        super().__init__(path, conf, checkpoint_seconds)
+        self.as_half = as_half
+        self.names = set(_walk_datasets_parent(self._file, "keypoints"))
+
+    def write(self, name: str, features: Mapping[str, np.ndarray], uncertainty: float | None = None) -> None:
+        if name in self._file:
+            del self._file[name]
+        group = self._file.create_group(name)
+        for key, value in features.items():
+            value = np.asarray(value)
+            if self.as_half and key != "keypoints" and value.dtype == np.float32:
+                value = value.astype(np.float16)
+            group.create_dataset(key, data=value)
+        if uncertainty is not None:
+            group["keypoints"].attrs["uncertainty"] = uncertainty
+        self.names.add(name)
+        self._committed()
+
+
+class MatchWriter(_Writer):
+    """Append pairs to a matches.h5 under hloc's pair key."""
+
+    def __init__(self, path, conf=None, checkpoint_seconds: float = 30.0):
+        super().__init__(path, conf, checkpoint_seconds)
+
+    def has(self, name0: str, name1: str) -> bool:
+        return _find_pair(self._file, name0, name1) is not None
+
+    def write(self, name0: str, name1: str, data: Mapping[str, np.ndarray]) -> None:
+        key = names_to_pair(name0, name1)
+        if key in self._file:
+            del self._file[key]
+        group = self._file.create_group(key)
+        for name, value in data.items():
+            value = np.asarray(value)
+            if name == "matches0":
+                value = value.astype(np.int32)
+            group.create_dataset(name, data=value)
+        self._committed()
+
+
+class GlobalWriter(_Writer):
+    """Append global descriptors to a global-feats.h5."""
+
+    def __init__(self, path, conf=None, checkpoint_seconds: float = 30.0):
+        super().__init__(path, conf, checkpoint_seconds)
+        self.names = set(_walk_datasets_parent(self._file, "global_descriptor"))
+
+    def write(self, name: str, descriptor: np.ndarray) -> None:
+        if name in self._file:
+            del self._file[name]
+        self._file.create_group(name).create_dataset("global_descriptor", data=np.asarray(descriptor))
+        self.names.add(name)
+        self._committed()
+
+
+def _find_pair(file: h5py.File, name0: str, name1: str) -> tuple[str, bool] | None:
+    """The stored key for (name0, name1) and whether it is stored reversed, as hloc's find_pair."""
+    for key, reversed_ in (
+        (names_to_pair(name0, name1), False),
+        (names_to_pair(name1, name0), True),
+        (names_to_pair_legacy(name0, name1), False),
+        (names_to_pair_legacy(name1, name0), True),
+    ):
+        if key in file and isinstance(file[key], h5py.Group):
+            return key, reversed_
+    return None
+
+
+class FeatureReader:
+    """Read a features.h5 (ours or hloc's) with the file kept open."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = _open_for_reading(self.path)
+
+    def names(self) -> list[str]:
+        return sorted(_walk_datasets_parent(self._file, "keypoints"))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file and "keypoints" in self._file[name]
+
+    def read(self, name: str, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        if name not in self:
+            raise InputError(f"image '{name}' has no features in '{self.path}'")
+        group = self._file[name]
+        out = {key: group[key][()] for key in (keys or group.keys()) if key in group}
+        if "keypoints" in out:
+            out["keypoints"] = out["keypoints"].astype(np.float32)
+        if "descriptors" in out and out["descriptors"].dtype == np.float16:
+            out["descriptors"] = out["descriptors"].astype(np.float32)
+        return out
+
+    def read_keypoints(self, name: str) -> np.ndarray:
+        return self.read(name, ["keypoints"])["keypoints"]
+
+    def uncertainty(self, name: str) -> float | None:
+        value = self._file[name]["keypoints"].attrs.get("uncertainty")
+        return None if value is None else float(value)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class MatchReader:
+    """Read a matches.h5 (ours or hloc's), finding reversed and legacy pair keys."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = _open_for_reading(self.path)
+
+    def has(self, name0: str, name1: str) -> bool:
+        return _find_pair(self._file, name0, name1) is not None
+
+    def read(self, name0: str, name1: str) -> tuple[np.ndarray, np.ndarray]:
+        """Matches as (M,2) indices into (name0, name1) keypoints, and their scores (M,)."""
+        found = _find_pair(self._file, name0, name1)
+        if found is None:
+            raise InputError(f"pair ({name0}, {name1}) is not in '{self.path}'")
+        key, reversed_ = found
+        group = self._file[key]
+        matches0 = group["matches0"][()].astype(np.int64)
+        valid = np.flatnonzero(matches0 >= 0)
+        matches = np.stack([valid, matches0[valid]], axis=-1)
+        if "matching_scores0" in group:
+            scores = group["matching_scores0"][()].astype(np.float32)[valid]
+        else:
+            scores = np.ones(len(valid), np.float32)
+        if reversed_:
+            matches = matches[:, ::-1].copy()
+        return matches, scores
+
+    def read_raw(self, name0: str, name1: str) -> tuple[dict[str, np.ndarray], bool]:
+        """All datasets of the pair's group, and whether they are stored in the reversed direction."""
+        found = _find_pair(self._file, name0, name1)
+        if found is None:
+            raise InputError(f"pair ({name0}, {name1}) is not in '{self.path}'")
+        key, reversed_ = found
+        return {k: v[()] for k, v in self._file[key].items()}, reversed_
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def read_global_descriptors(path: str | Path, names: Iterable[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Names and stacked (N,D) float32 descriptors of a global-feats.h5 (all names when `names` is None)."""
+    with _open_for_reading(path) as file:
+        available = sorted(_walk_datasets_parent(file, "global_descriptor"))
+        wanted = available if names is None else list(names)
+        missing = sorted(set(wanted) - set(available))
+        if missing:
+            raise InputError(f"{len(missing)} images have no global descriptor in '{path}', e.g. {missing[:3]}")
+        if not wanted:
+            return [], np.zeros((0, 0), np.float32)
+        descriptors = np.stack([file[name]["global_descriptor"][()] for name in wanted]).astype(np.float32)
+    return wanted, descriptors
+
+
+def list_feature_names(path: str | Path) -> list[str]:
+    with FeatureReader(path) as reader:
+        return reader.names()
+
+
+def read_stored_conf(path: str | Path) -> dict[str, Any] | None:
+    """The configuration a recon writer recorded in the file, or None (e.g. for hloc's files)."""
+    with _open_for_reading(path) as file:
+        text = file.attrs.get(_CONF_ATTR)
+    return None if text is None else json.loads(text)

@@ -1,0 +1,1 @@
+"""Which image pairs to match: exhaustive, sequential (+loop closure) and retrieval, and their global descriptors."""

@@ -1,0 +1,62 @@
+"""pairs.txt, as hloc writes it: one `name0 name1` per line.
+
+Image names may contain spaces in the wild; like hloc we split on whitespace, so such names cannot be
+represented, and writing one is refused rather than producing an unreadable file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from feature_backends.errors import InputError
+
+
+def read_pairs(path: str | Path) -> list[tuple[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"pairs file '{path}' does not exist")
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) < 2:
+            raise InputError(f"{path}:{number}: expected 'name0 name1', got '{line}'")
+        pairs.append((parts[0], parts[1]))
+    return pairs
+
+
+def write_pairs(path: str | Path, pairs: Iterable[tuple[str, str]]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for name0, name1 in pairs:
+        if any(char.isspace() for char in name0 + name1):
+            raise InputError(f"image names with white space cannot be written to a pairs file: '{name0}', '{name1}'")
+        lines.append(f"{name0} {name1}\n")
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def deduplicate(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop self-pairs and repeated pairs in either direction, keeping first occurrences in order."""
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for name0, name1 in pairs:
+        key = (name0, name1) if name0 <= name1 else (name1, name0)
+        if name0 != name1 and key not in seen:
+            seen.add(key)
+            unique.append((name0, name1))
+    return unique
+
+
+def check_names(pairs: Iterable[tuple[str, str]], known: Iterable[str], source: str) -> None:
+    """A pairs file that names an image we do not have is an error, reported with examples."""
+    known = set(known)
+    unknown = sorted({name for pair in pairs for name in pair if name not in known})
+    if unknown:
+        raise InputError(f"{source} names {len(unknown)} unknown images, e.g. {unknown[:3]}")

@@ -1,0 +1,168 @@
+"""Structure from motion from hloc-format features and matches, with pycolmap.
+
+`reconstruct(sfm_dir, image_dir, pairs_path, features_path, matches_path)` builds `sfm_dir/database.db`,
+verifies the matches geometrically, runs pycolmap's incremental mapper and writes the largest model to
+`sfm_dir/sparse/0` (other models, if any, to sparse/1, 2 … by size). COLMAP's own log goes to
+`sfm_dir/colmap.log`. A finished reconstruction is stamped with its inputs; calling again with the same
+inputs returns it without re-mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pycolmap
+from tqdm import tqdm
+
+from feature_backends.errors import InputError, ReconError
+from feature_backends.store import list_feature_names
+from pairs.io import read_pairs
+
+from .database import CameraMode, import_features, import_matches, verify_matches
+
+logger = logging.getLogger(__name__)
+
+_STAMP = "sfm_inputs.json"
+
+
+@dataclass
+class SfMOptions:
+    camera_mode: CameraMode = "single"
+    camera_model: str = "SIMPLE_RADIAL"
+    mapper: Literal["incremental", "global"] = "incremental"
+    min_match_score: float | None = None
+    num_threads: int = -1
+    random_seed: int = 0
+    verification_max_error: float = 4.0
+    #: Extra pycolmap.IncrementalPipelineOptions fields, checked against pycolmap's option object.
+    mapper_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class SfMResult:
+    sparse_dir: Path
+    num_images: int
+    num_registered: int
+    num_points: int
+    mean_track_length: float
+    mean_reprojection_error: float
+    num_models: int
+    timings: dict[str, float]
+
+
+def _fingerprint(paths: list[Path], options: SfMOptions) -> dict:
+    files = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}
+    return {"files": files, "options": asdict(options)}
+
+
+def _set_options(target, values: dict, where: str) -> None:
+    for key, value in values.items():
+        if "." in key:
+            head, rest = key.split(".", 1)
+            _set_options(getattr(target, head), {rest: value}, f"{where}.{head}")
+            continue
+        if not hasattr(target, key):
+            raise InputError(f"unknown pycolmap option '{where}.{key}'")
+        setattr(target, key, value)
+
+
+def _mapper_options(options: SfMOptions, num_images: int) -> pycolmap.IncrementalPipelineOptions:
+    mapper = pycolmap.IncrementalPipelineOptions()
+    mapper.num_threads = options.num_threads
+    mapper.random_seed = options.random_seed
+    # Small collections (tests, previews) are valid models too; COLMAP's default minimum is 10 images.
+    mapper.min_model_size = min(mapper.min_model_size, max(3, num_images // 2))
+    _set_options(mapper, options.mapper_options, "mapper_options")
+    return mapper
+
+
+def model_stats(reconstruction: pycolmap.Reconstruction) -> dict[str, float]:
+    return {
+        "num_registered": reconstruction.num_reg_images(),
+        "num_points": reconstruction.num_points3D(),
+        "mean_track_length": reconstruction.compute_mean_track_length() if reconstruction.num_points3D() else 0.0,
+        "mean_reprojection_error": reconstruction.compute_mean_reprojection_error()
+        if reconstruction.num_points3D() else 0.0,
+    }
+
+
+def reconstruct(
+    sfm_dir: str | Path,
+    image_dir: str | Path,
+    pairs_path: str | Path,
+    features_path: str | Path,
+    matches_path: str | Path,
+    options: SfMOptions | None = None,
+) -> SfMResult:
+    options = options or SfMOptions()
+    sfm_dir = Path(sfm_dir)
+    sfm_dir.mkdir(parents=True, exist_ok=True)
+    sparse_root = sfm_dir / "sparse"
+    inputs = [Path(pairs_path), Path(features_path), Path(matches_path)]
+    stamp = _fingerprint(inputs, options)
+    stamp_path = sfm_dir / _STAMP
+    names = list_feature_names(features_path)
+    if (sparse_root / "0").is_dir() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        logger.info("Reconstruction in %s is up to date with its inputs; not re-mapping", sparse_root / "0")
+        reconstruction = pycolmap.Reconstruction(sparse_root / "0")
+        return SfMResult(sparse_root / "0", len(names), num_models=len(list(sparse_root.iterdir())),
+                         timings={}, **model_stats(reconstruction))
+
+    timings: dict[str, float] = {}
+    pycolmap.logging.set_log_destination(pycolmap.logging.INFO, str(sfm_dir / "colmap.log"))
+    database = sfm_dir / "database.db"
+    start = time.perf_counter()
+    pairs = read_pairs(pairs_path)
+    image_ids = import_features(database, image_dir, features_path, options.camera_mode, options.camera_model)
+    num_matches = import_matches(database, image_ids, pairs, matches_path, options.min_match_score)
+    timings["import"] = time.perf_counter() - start
+    logger.info("Imported %d pairs with %d raw matches", len(pairs), num_matches)
+
+    start = time.perf_counter()
+    verification = pycolmap.TwoViewGeometryOptions()
+    verification.ransac.max_error = options.verification_max_error
+    verification.ransac.random_seed = options.random_seed
+    num_verified = verify_matches(database, pairs, sfm_dir, verification)
+    timings["verify"] = time.perf_counter() - start
+    logger.info("Geometric verification: %d of %d pairs verified", num_verified, len(pairs))
+
+    start = time.perf_counter()
+    staging = sfm_dir / "models.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    mapper = _mapper_options(options, len(image_ids))
+    progress = tqdm(total=len(image_ids), desc="mapping", unit="img")
+    if options.mapper == "incremental":
+        models = pycolmap.incremental_mapping(
+            database, image_dir, staging, mapper,
+            initial_image_pair_callback=lambda: progress.update(2),
+            next_image_callback=lambda: progress.update(1),
+        )
+    else:
+        models = pycolmap.global_mapping(database, image_dir, staging)
+    progress.close()
+    timings["map"] = time.perf_counter() - start
+    if not models:
+        raise ReconError(
+            f"mapping failed: no model could be initialised from {num_verified} verified pairs "
+            f"(see {sfm_dir / 'colmap.log'}). Try more pairs, more keypoints or another matcher."
+        )
+    ordered = sorted(models.values(), key=lambda r: r.num_reg_images(), reverse=True)
+    shutil.rmtree(sparse_root, ignore_errors=True)
+    sparse_root.mkdir()
+    for index, reconstruction in enumerate(ordered):
+        (sparse_root / str(index)).mkdir()
+        reconstruction.write(sparse_root / str(index))
+    shutil.rmtree(staging, ignore_errors=True)
+    stamp_path.write_text(json.dumps(stamp))
+    best = ordered[0]
+    if len(ordered) > 1:
+        logger.warning("The scene split into %d models; the largest (%d images) is sparse/0",
+                       len(ordered), best.num_reg_images())
+    return SfMResult(sparse_root / "0", len(names), num_models=len(ordered), timings=timings, **model_stats(best))

@@ -1,0 +1,271 @@
+"""SfM benchmark against ground truth: COLMAP's own pipeline (via pycolmap) vs `recon run`, same process.
+
+For each ground-truth scene in ../shared/data (temple_ring, temple_ring_full, fountain_p11; missing ones are
+skipped) both pipelines run at their defaults and once more at the same maximum image size, and each model is
+scored with `recon.eval` (registered images, points, reprojection error, relative-pose AUC@1/3/5 deg over all
+ground-truth pairs). Wall time is measured per stage: extract, match (including geometric verification),
+map. COLMAP uses pycolmap's defaults on the CPU (extract_features, match_exhaustive, incremental_mapping),
+with its largest model scored.
+
+    python scripts/bench_sfm.py                                 # all scenes, both methods, both settings
+    python scripts/bench_sfm.py --scenes temple_ring_full --methods colmap --settings default
+    python scripts/bench_sfm.py --scenes fountain_p11 --settings max --max-size 1600 --markdown
+
+A "max" row is skipped when every image of the scene is already within the size limit (it would repeat the
+default run). Results are also written to OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pycolmap
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
+
+from recon.eval import EvalResult, evaluate, load_ground_truth  # noqa: E402
+
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+STAGES = ("extract", "match", "map")
+
+
+@dataclass(frozen=True)
+class Scene:
+    name: str
+    images: str  # relative to the scene folder
+    gt: str  # relative to the scene folder
+
+
+SCENES = {
+    scene.name: scene
+    for scene in (
+        Scene("temple_ring", ".", "templeR_par.txt"),
+        Scene("temple_ring_full", ".", "templeR_par.txt"),
+        Scene("fountain_p11", "images", "gt_dense_cameras"),
+    )
+}
+
+
+@dataclass
+class BenchRow:
+    scene: str
+    method: str
+    setting: str
+    times: dict[str, float] = field(default_factory=dict)
+    result: EvalResult | None = None
+    error: str | None = None
+
+    @property
+    def total(self) -> float:
+        return sum(self.times.values()) if self.times else math.nan
+
+
+def list_images(image_dir: Path) -> list[str]:
+    return sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def max_image_side(image_dir: Path, names: list[str]) -> int:
+    import cv2  # only the header matters, but OpenCV has no header-only reader; images here are small in number
+
+    side = 0
+    for name in names:
+        image = cv2.imread(str(image_dir / name), cv2.IMREAD_UNCHANGED)
+        side = max(side, *image.shape[:2])
+    return side
+
+
+def largest_model(models_root: Path) -> Path | None:
+    best, best_count = None, -1
+    for model_dir in sorted(p for p in models_root.iterdir() if p.is_dir()):
+        count = pycolmap.Reconstruction(model_dir).num_reg_images()
+        if count > best_count:
+            best, best_count = model_dir, count
+    return best
+
+
+def run_colmap(image_dir: Path, names: list[str], work: Path, max_size: int | None) -> tuple[Path | None, dict]:
+    database = work / "database.db"
+    models_root = work / "sparse"
+    models_root.mkdir(parents=True)
+    extraction = pycolmap.FeatureExtractionOptions()
+    if max_size is not None:
+        extraction.max_image_size = max_size
+    times = {}
+    start = time.perf_counter()
+    pycolmap.extract_features(database, image_dir, image_names=names, extraction_options=extraction,
+                              device=pycolmap.Device.cpu)
+    times["extract"] = time.perf_counter() - start
+    start = time.perf_counter()
+    pycolmap.match_exhaustive(database, device=pycolmap.Device.cpu)
+    times["match"] = time.perf_counter() - start
+    start = time.perf_counter()
+    pycolmap.incremental_mapping(database, image_dir, models_root)
+    times["map"] = time.perf_counter() - start
+    return largest_model(models_root), times
+
+
+def run_recon(image_dir: Path, names: list[str], work: Path, max_size: int | None) -> tuple[Path | None, dict]:
+    from recon.pipeline import RunConfig, run  # imported lazily: the COLMAP half works without it
+
+    config = RunConfig() if max_size is None else _with_resize_max(RunConfig(), max_size)
+    result = run(image_dir, work, config)
+    times = {stage: float(_stage_time(result, stage)) for stage in STAGES}
+    model_dir = work / "sparse" / "0"
+    return (model_dir if model_dir.is_dir() else None), times
+
+
+def _with_resize_max(config, max_size: int):
+    """Set the feature resize limit on recon's RunConfig, whichever nesting the lead settles on."""
+    if hasattr(config, "resize_max"):
+        return dataclasses.replace(config, resize_max=max_size)
+    for name in ("features", "extract", "extraction"):
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "resize_max"):
+            return dataclasses.replace(config, **{name: dataclasses.replace(sub, resize_max=max_size)})
+    raise RuntimeError("recon.pipeline.RunConfig has no resize_max setting to match COLMAP's max_image_size")
+
+
+def _stage_time(result, stage: str) -> float:
+    timings = getattr(result, "timings", None) or getattr(result, "stage_times", None) or {}
+    aliases = {"extract": ("extract", "features"), "match": ("match", "matches", "matching"),
+               "map": ("map", "sfm", "mapping", "reconstruct")}
+    found = [timings[key] for key in aliases[stage] if key in timings]
+    # "match" includes geometric verification: recon may time it separately
+    if stage == "match" and "verify" in timings:
+        found.append(timings["verify"])
+    if stage == "map" and "pairs" in timings:
+        found.append(timings["pairs"])  # pair planning has no COLMAP counterpart stage; charge it to mapping
+    return sum(found) if found else math.nan
+
+
+RUNNERS: dict[str, Callable] = {"colmap": run_colmap, "recon": run_recon}
+
+
+def bench_scene(scene: Scene, data_dir: Path, out_dir: Path, methods: list[str], settings: list[str],
+                max_size: int) -> list[BenchRow]:
+    scene_dir = data_dir / scene.name
+    image_dir = (scene_dir / scene.images).resolve()
+    names = list_images(image_dir)
+    gt = load_ground_truth(scene_dir / scene.gt)
+    gt = {name: cam for name, cam in gt.items() if name in set(names)}
+    rows = []
+    largest_side = max_image_side(image_dir, names)
+    for setting in settings:
+        limit = None if setting == "default" else max_size
+        label = "default" if limit is None else f"max {limit}px"
+        if limit is not None and largest_side <= limit:
+            print(f"[{scene.name}] skipping '{label}': images are already {largest_side}px or smaller", flush=True)
+            continue
+        for method in methods:
+            row = BenchRow(scene.name, method, label)
+            work = out_dir / scene.name / f"{method}-{setting}"
+            if work.exists():
+                shutil.rmtree(work)
+            work.mkdir(parents=True)
+            print(f"[{scene.name}] {method} ({label}) on {len(names)} images ...", flush=True)
+            try:
+                model_dir, row.times = RUNNERS[method](image_dir, names, work, limit)
+                if model_dir is None:
+                    row.error = "no model"
+                else:
+                    row.result = evaluate(model_dir, gt)
+            except ImportError as error:
+                row.error = f"unavailable ({error})"
+            print(f"[{scene.name}] {method} ({label}): " + _summary(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def _summary(row: BenchRow) -> str:
+    if row.result is None:
+        return row.error or "failed"
+    r = row.result
+    return (f"{r.num_registered}/{r.num_gt_images} registered, AUC@1 {r.auc[0]:.1f}, "
+            f"total {row.total:.1f}s")
+
+
+def table_rows(rows: list[BenchRow]) -> tuple[list[str], list[list[str]]]:
+    header = ["scene", "method", "setting", "registered", "points", "reproj px", "AUC@1", "AUC@3", "AUC@5",
+              "extract s", "match s", "map s", "total s", "recon/COLMAP"]
+    colmap_total = {(r.scene, r.setting): r.total for r in rows if r.method == "colmap" and r.result}
+    body = []
+    for row in rows:
+        r = row.result
+        if r is None:
+            metrics = [row.error or "failed", "", "", "", "", ""]
+        else:
+            metrics = [f"{r.num_registered}/{r.num_gt_images}", f"{r.num_points}",
+                       f"{r.mean_reprojection_error:.2f}"] + [f"{a:.1f}" for a in r.auc[:3]]
+        times = [f"{row.times[s]:.1f}" if s in row.times and not math.isnan(row.times[s]) else "-"
+                 for s in STAGES]
+        total = f"{row.total:.1f}" if row.times else "-"
+        ratio = ""
+        reference = colmap_total.get((row.scene, row.setting))
+        if row.method != "colmap" and reference and row.times:
+            ratio = f"{row.total / reference:.2f}"
+        body.append([row.scene, row.method, row.setting, *metrics, *times, total, ratio])
+    return header, body
+
+
+def format_table(rows: list[BenchRow], markdown: bool) -> str:
+    header, body = table_rows(rows)
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in body]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="folder holding the scenes")
+    parser.add_argument("--scenes", nargs="+", default=list(SCENES), choices=list(SCENES))
+    parser.add_argument("--methods", nargs="+", default=list(RUNNERS), choices=list(RUNNERS))
+    parser.add_argument("--settings", nargs="+", default=["default", "max"], choices=["default", "max"],
+                        help="'default': each pipeline's own defaults; 'max': both at --max-size")
+    parser.add_argument("--max-size", type=int, default=1600, help="maximum image side for the 'max' setting")
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one, deleted)")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (README-ready)")
+    parser.add_argument("--verbose", action="store_true", help="keep COLMAP's INFO log on stderr")
+    args = parser.parse_args(argv)
+
+    if not args.verbose:
+        pycolmap.logging.minloglevel = 1  # COLMAP's per-image INFO lines would bury the table
+    out_dir = args.out or Path(tempfile.mkdtemp(prefix="bench_sfm_"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[BenchRow] = []
+    try:
+        for name in args.scenes:
+            if not (args.data / name).is_dir():
+                print(f"[{name}] not found in {args.data}, skipped", flush=True)
+                continue
+            rows += bench_scene(SCENES[name], args.data, out_dir, args.methods, args.settings, args.max_size)
+        (out_dir / "results.json").write_text(json.dumps(
+            [{"scene": r.scene, "method": r.method, "setting": r.setting, "times": r.times, "total": r.total,
+              "error": r.error, "eval": r.result.to_dict() if r.result else None} for r in rows], indent=2))
+        print()
+        print(format_table(rows, args.markdown))
+    finally:
+        if args.out is None:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
