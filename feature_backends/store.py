@@ -90,10 +90,12 @@ class _Journal:
         self.dirty = False
 
     def _check_conf(self, conf: Mapping[str, Any] | None) -> None:
+        self._conf_changed = False
         if conf is None:
             return
         text = json.dumps(conf, sort_keys=True, default=str)
         stored = self.file.attrs.get(_CONF_ATTR)
+        self._conf_changed = stored != text
         if stored is not None and stored != text and len(self.file.keys()) > 0:
             self.file.close()
             self.partial.unlink()
@@ -122,8 +124,13 @@ class _Journal:
         self.dirty = False
 
     def close(self) -> None:
-        if self.file.id.valid:
+        if not self.file.id.valid:
+            return
+        if self.dirty or not self.path.exists() or self._conf_changed:
             self.publish(reopen=False)
+        else:  # nothing new: leave the published file (and its mtime) untouched
+            self.file.close()
+            self.partial.unlink()
 
 
 class _Writer:

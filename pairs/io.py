@@ -36,8 +36,11 @@ def write_pairs(path: str | Path, pairs: Iterable[tuple[str, str]]) -> Path:
         if any(char.isspace() for char in name0 + name1):
             raise InputError(f"image names with white space cannot be written to a pairs file: '{name0}', '{name1}'")
         lines.append(f"{name0} {name1}\n")
+    content = "".join(lines)
+    if path.is_file() and path.read_text(encoding="utf-8") == content:
+        return path  # unchanged: keep the mtime so later stages see up-to-date inputs
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(lines), encoding="utf-8")
+    tmp.write_text(content, encoding="utf-8")
     tmp.replace(path)
     return path
 

@@ -267,6 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="[%(asctime)s %(name)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    if not args.verbose:
+        import pycolmap
+
+        # COLMAP's glog output belongs in its log files (OUT/sfm/colmap.log.*), not between progress bars.
+        pycolmap.logging.alsologtostderr = False
     try:
         return COMMANDS[args.command](args)
     except ReconError as error:

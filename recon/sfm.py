@@ -9,6 +9,7 @@ inputs returns it without re-mapping.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -115,7 +116,27 @@ def reconstruct(
                          timings={}, **model_stats(reconstruction))
 
     timings: dict[str, float] = {}
-    pycolmap.logging.set_log_destination(pycolmap.logging.INFO, str(sfm_dir / "colmap.log"))
+    with _colmap_log_to(sfm_dir / "colmap.log."):
+        return _reconstruct(sfm_dir, image_dir, pairs_path, features_path, matches_path, options, names,
+                            stamp, stamp_path, timings)
+
+
+@contextlib.contextmanager
+def _colmap_log_to(prefix: Path):
+    """COLMAP's glog lines go to OUT/sfm/colmap.log.<time> instead of the terminal (unless -v)."""
+    log = pycolmap.logging
+    previous = log.alsologtostderr
+    log.set_log_destination(log.INFO, str(prefix))
+    log.alsologtostderr = previous and logger.isEnabledFor(logging.DEBUG)
+    try:
+        yield
+    finally:
+        log.alsologtostderr = previous
+
+
+def _reconstruct(sfm_dir, image_dir, pairs_path, features_path, matches_path, options, names, stamp, stamp_path,
+                 timings) -> SfMResult:
+    sparse_root = sfm_dir / "sparse"
     database = sfm_dir / "database.db"
     start = time.perf_counter()
     pairs = read_pairs(pairs_path)
@@ -151,7 +172,7 @@ def reconstruct(
     if not models:
         raise ReconError(
             f"mapping failed: no model could be initialised from {num_verified} verified pairs "
-            f"(see {sfm_dir / 'colmap.log'}). Try more pairs, more keypoints or another matcher."
+            f"(see {sfm_dir}/colmap.log.*). Try more pairs, more keypoints or another matcher."
         )
     ordered = sorted(models.values(), key=lambda r: r.num_reg_images(), reverse=True)
     shutil.rmtree(sparse_root, ignore_errors=True)

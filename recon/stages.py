@@ -52,8 +52,8 @@ def extract(
     as_half: bool = False,
 ) -> Path:
     name, backend_conf = split_conf(conf)
-    names = list_images(image_dir, image_list)
     model = registry.get_backend("features", name, backend_conf, device=device)
+    names = list_images(image_dir, image_list)
     logger.info("Extracting %s features: %s", name, model.conf.to_dict())
     record = {"backend": name, "conf": model.conf.to_dict()}
     with FeatureWriter(export_path, conf=record, as_half=as_half) as writer:
