@@ -239,9 +239,8 @@ def _command_eval(args) -> int:
     result = evaluate(args.model, args.gt)
     print(format_eval(result))
     if args.json:
-        from dataclasses import asdict
 
-        args.json.write_text(json.dumps(asdict(result), indent=2, default=str))
+        args.json.write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return 0
 
 
