@@ -3,9 +3,14 @@
 For each ground-truth scene in ../shared/data (temple_ring, temple_ring_full, fountain_p11; missing ones are
 skipped) both pipelines run at their defaults and once more at the same maximum image size, and each model is
 scored with `recon.eval` (registered images, points, reprojection error, relative-pose AUC@1/3/5 deg over all
-ground-truth pairs). Wall time is measured per stage: extract, match (including geometric verification),
-map. COLMAP uses pycolmap's defaults on the CPU (extract_features, match_exhaustive, incremental_mapping),
-with its largest model scored.
+ground-truth pairs). Wall time is measured per stage: extract, match (pair planning, matching and geometric
+verification, which COLMAP's match_exhaustive does in one call), map. "Default" means each pipeline's own
+image size (COLMAP's SIFT: 3200 px; recon's SIFT: resize_max 1600). recon runs without its exports (they
+follow the model and COLMAP has none); its finer timings go to results.json. COLMAP uses pycolmap's defaults on the CPU (extract_features, match_exhaustive, incremental_mapping),
+with its largest model scored, except for the camera grouping: COLMAP's `CameraMode.AUTO` gives every
+EXIF-less image its own camera, and on temple_ring_full that alone costs COLMAP half its AUC@1 (11.8 vs 20.9:
+each view fits its own focal and a spurious radial term), so by default COLMAP gets one shared camera, the
+same assumption as recon's default `--camera-mode single`. `--colmap-camera-mode auto` restores COLMAP's own.
 
     python scripts/bench_sfm.py                                 # all scenes, both methods, both settings
     python scripts/bench_sfm.py --scenes temple_ring_full --methods colmap --settings default
@@ -18,11 +23,10 @@ default run). Results are also written to OUT/results.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import json
 import math
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,11 +35,9 @@ from typing import Callable
 
 import pycolmap
 
+from recon.eval import EvalResult, evaluate, load_ground_truth
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
-
-from recon.eval import EvalResult, evaluate, load_ground_truth  # noqa: E402
-
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 STAGES = ("extract", "match", "map")
@@ -64,6 +66,7 @@ class BenchRow:
     method: str
     setting: str
     times: dict[str, float] = field(default_factory=dict)
+    detail: dict[str, float] = field(default_factory=dict)  # the pipeline's own finer timings
     result: EvalResult | None = None
     error: str | None = None
 
@@ -96,7 +99,8 @@ def largest_model(models_root: Path) -> Path | None:
     return best
 
 
-def run_colmap(image_dir: Path, names: list[str], work: Path, max_size: int | None) -> tuple[Path | None, dict]:
+def run_colmap(image_dir: Path, names: list[str], work: Path, max_size: int | None,
+               camera_mode: pycolmap.CameraMode = pycolmap.CameraMode.AUTO) -> tuple[Path | None, dict, dict]:
     database = work / "database.db"
     models_root = work / "sparse"
     models_root.mkdir(parents=True)
@@ -105,8 +109,8 @@ def run_colmap(image_dir: Path, names: list[str], work: Path, max_size: int | No
         extraction.max_image_size = max_size
     times = {}
     start = time.perf_counter()
-    pycolmap.extract_features(database, image_dir, image_names=names, extraction_options=extraction,
-                              device=pycolmap.Device.cpu)
+    pycolmap.extract_features(database, image_dir, image_names=names, camera_mode=camera_mode,
+                              extraction_options=extraction, device=pycolmap.Device.cpu)
     times["extract"] = time.perf_counter() - start
     start = time.perf_counter()
     pycolmap.match_exhaustive(database, device=pycolmap.Device.cpu)
@@ -114,47 +118,29 @@ def run_colmap(image_dir: Path, names: list[str], work: Path, max_size: int | No
     start = time.perf_counter()
     pycolmap.incremental_mapping(database, image_dir, models_root)
     times["map"] = time.perf_counter() - start
-    return largest_model(models_root), times
+    return largest_model(models_root), times, {}
 
 
-def run_recon(image_dir: Path, names: list[str], work: Path, max_size: int | None) -> tuple[Path | None, dict]:
+def run_recon(image_dir: Path, names: list[str], work: Path, max_size: int | None) -> tuple[Path | None, dict, dict]:
+    """`recon run` at its defaults, minus the exports (they come after the model and COLMAP has none)."""
     from recon.pipeline import RunConfig, run  # imported lazily: the COLMAP half works without it
 
-    config = RunConfig() if max_size is None else _with_resize_max(RunConfig(), max_size)
-    result = run(image_dir, work, config)
-    times = {stage: float(_stage_time(result, stage)) for stage in STAGES}
-    model_dir = work / "sparse" / "0"
-    return (model_dir if model_dir.is_dir() else None), times
+    feature_conf = {} if max_size is None else {"resize_max": max_size}
+    result = run(image_dir, work, RunConfig(feature_conf=feature_conf, image_list=names, exports=()))
+    timings, sfm_timings = result.timings, result.sfm.timings
+    times = {
+        "extract": timings.get("extract", 0.0),
+        # COLMAP's match_exhaustive plans the pairs, matches and verifies: charge recon the same steps
+        "match": timings.get("pairs", 0.0) + timings.get("match", 0.0)
+        + sfm_timings.get("import", 0.0) + sfm_timings.get("verify", 0.0),
+        "map": sfm_timings.get("map", timings.get("sfm", 0.0)),
+    }
+    model_dir = Path(result.sfm.sparse_dir)
+    detail = {**timings, **{f"sfm.{key}": value for key, value in sfm_timings.items()}}
+    return (model_dir if model_dir.is_dir() else None), times, detail
 
 
-def _with_resize_max(config, max_size: int):
-    """Set the feature resize limit on recon's RunConfig, whichever nesting the lead settles on."""
-    if hasattr(config, "resize_max"):
-        return dataclasses.replace(config, resize_max=max_size)
-    for name in ("features", "extract", "extraction"):
-        sub = getattr(config, name, None)
-        if sub is not None and hasattr(sub, "resize_max"):
-            return dataclasses.replace(config, **{name: dataclasses.replace(sub, resize_max=max_size)})
-    raise RuntimeError("recon.pipeline.RunConfig has no resize_max setting to match COLMAP's max_image_size")
-
-
-def _stage_time(result, stage: str) -> float:
-    timings = getattr(result, "timings", None) or getattr(result, "stage_times", None) or {}
-    aliases = {"extract": ("extract", "features"), "match": ("match", "matches", "matching"),
-               "map": ("map", "sfm", "mapping", "reconstruct")}
-    found = [timings[key] for key in aliases[stage] if key in timings]
-    # "match" includes geometric verification: recon may time it separately
-    if stage == "match" and "verify" in timings:
-        found.append(timings["verify"])
-    if stage == "map" and "pairs" in timings:
-        found.append(timings["pairs"])  # pair planning has no COLMAP counterpart stage; charge it to mapping
-    return sum(found) if found else math.nan
-
-
-RUNNERS: dict[str, Callable] = {"colmap": run_colmap, "recon": run_recon}
-
-
-def bench_scene(scene: Scene, data_dir: Path, out_dir: Path, methods: list[str], settings: list[str],
+def bench_scene(scene: Scene, data_dir: Path, out_dir: Path, runners: dict[str, Callable], settings: list[str],
                 max_size: int) -> list[BenchRow]:
     scene_dir = data_dir / scene.name
     image_dir = (scene_dir / scene.images).resolve()
@@ -169,7 +155,7 @@ def bench_scene(scene: Scene, data_dir: Path, out_dir: Path, methods: list[str],
         if limit is not None and largest_side <= limit:
             print(f"[{scene.name}] skipping '{label}': images are already {largest_side}px or smaller", flush=True)
             continue
-        for method in methods:
+        for method, runner in runners.items():
             row = BenchRow(scene.name, method, label)
             work = out_dir / scene.name / f"{method}-{setting}"
             if work.exists():
@@ -177,7 +163,7 @@ def bench_scene(scene: Scene, data_dir: Path, out_dir: Path, methods: list[str],
             work.mkdir(parents=True)
             print(f"[{scene.name}] {method} ({label}) on {len(names)} images ...", flush=True)
             try:
-                model_dir, row.times = RUNNERS[method](image_dir, names, work, limit)
+                model_dir, row.times, row.detail = runner(image_dir, names, work, limit)
                 if model_dir is None:
                     row.error = "no model"
                 else:
@@ -236,15 +222,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="folder holding the scenes")
     parser.add_argument("--scenes", nargs="+", default=list(SCENES), choices=list(SCENES))
-    parser.add_argument("--methods", nargs="+", default=list(RUNNERS), choices=list(RUNNERS))
+    parser.add_argument("--methods", nargs="+", default=["colmap", "recon"], choices=["colmap", "recon"])
     parser.add_argument("--settings", nargs="+", default=["default", "max"], choices=["default", "max"],
                         help="'default': each pipeline's own defaults; 'max': both at --max-size")
     parser.add_argument("--max-size", type=int, default=1600, help="maximum image side for the 'max' setting")
+    parser.add_argument("--colmap-camera-mode", default="single", choices=["auto", "single", "per_folder", "per_image"],
+                        help="COLMAP's camera grouping (default: single, as recon's default; see the module docstring)")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one, deleted)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (README-ready)")
     parser.add_argument("--verbose", action="store_true", help="keep COLMAP's INFO log on stderr")
     args = parser.parse_args(argv)
 
+    camera_mode = getattr(pycolmap.CameraMode, args.colmap_camera_mode.upper())
+    runners = {"colmap": functools.partial(run_colmap, camera_mode=camera_mode), "recon": run_recon}
+    runners = {name: runners[name] for name in args.methods}
     if not args.verbose:
         pycolmap.logging.minloglevel = 1  # COLMAP's per-image INFO lines would bury the table
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="bench_sfm_"))
@@ -255,11 +246,12 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.data / name).is_dir():
                 print(f"[{name}] not found in {args.data}, skipped", flush=True)
                 continue
-            rows += bench_scene(SCENES[name], args.data, out_dir, args.methods, args.settings, args.max_size)
+            rows += bench_scene(SCENES[name], args.data, out_dir, runners, args.settings, args.max_size)
         (out_dir / "results.json").write_text(json.dumps(
-            [{"scene": r.scene, "method": r.method, "setting": r.setting, "times": r.times, "total": r.total,
+            [{"scene": r.scene, "method": r.method, "setting": r.setting, "times": r.times, "total": r.total, "detail": r.detail,
               "error": r.error, "eval": r.result.to_dict() if r.result else None} for r in rows], indent=2))
         print()
+        print(f"COLMAP camera mode: {args.colmap_camera_mode}; 'max' setting: {args.max_size}px; times in seconds")
         print(format_table(rows, args.markdown))
     finally:
         if args.out is None:
