@@ -27,6 +27,8 @@ BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
     "dense": {},
     "global": {
         "vlad": "pairs.vlad:VLAD",
+        "netvlad": "pairs.netvlad:NetVLAD",
+        "cosplace": "pairs.cosplace:CosPlace",
     },
 }
 

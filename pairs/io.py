@@ -63,3 +63,18 @@ def check_names(pairs: Iterable[tuple[str, str]], known: Iterable[str], source: 
     unknown = sorted({name for pair in pairs for name in pair if name not in known})
     if unknown:
         raise InputError(f"{source} names {len(unknown)} unknown images, e.g. {unknown[:3]}")
+
+
+def read_name_list(path: str | Path) -> list[str]:
+    """A file of image names, one per line (blank lines and '#' comments skipped), as hloc's image lists."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image list '{path}' does not exist")
+    names = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            names.append(line)
+    if not names:
+        raise InputError(f"image list '{path}' names no images")
+    return names

@@ -1,12 +1,19 @@
 """Retrieval pairs: global descriptors per image (global-feats.h5), then the top-K most similar images.
 
-Matching cost grows as N*K instead of N^2/2.
+Matching cost grows as N·K instead of N²/2. Similarities are computed in blocks of queries, so memory stays
+O(block·N) and 10⁴-10⁵ images need no index library (faiss is not a dependency; an exact matrix product over
+4096-D float32 descriptors is a few seconds for 10⁴ images on CPU). Everything here is deterministic: ties are
+broken by database order.
+
+Extraction resumes from the images already stored and, for learned backends, batches images of the same size
+(on CUDA; one by one on CPU, where batching gains nothing and costs memory).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +26,11 @@ from feature_backends.errors import ImageReadError, InputError
 from feature_backends.images import iter_images, list_images
 from feature_backends.store import GlobalWriter, read_global_descriptors
 
-from .io import deduplicate
-
 logger = logging.getLogger(__name__)
+
+QUERY_BLOCK = 1024
+
+ScoredPair = tuple[str, str, float]
 
 
 def extract_global_descriptors(
@@ -31,23 +40,135 @@ def extract_global_descriptors(
     conf: Mapping[str, Any] | None = None,
     image_list: Sequence[str] | None = None,
     device: Any = None,
+    batch_size: int | None = None,
 ) -> Path:
-    """Write `/<name>/global_descriptor` for every image not yet in `export_path`; return the path."""
+    """Write `/<name>/global_descriptor` for every image not yet in `export_path`; return the path.
+
+    `batch_size` None picks the backend's preference (8 on CUDA for learned models, else 1).
+    """
     names = list_images(image_dir, image_list)
     model = registry.get_backend("global", backend, conf, device=device)
     record = {"backend": backend, "conf": model.conf.to_dict()}
+    batched = hasattr(model, "describe_batch")
+    if batch_size is None:
+        batch_size = model.preferred_batch_size() if batched else 1
+    if batch_size > 1 and not batched:
+        raise InputError(f"global backend '{backend}' cannot batch; use batch_size 1")
     with GlobalWriter(export_path, conf=record) as writer:
         todo = [name for name in names if name not in writer.names]
         if not todo:
             logger.info("Global descriptors: all %d images already in %s", len(names), export_path)
             return Path(export_path)
+        logger.info("Global descriptors (%s): %d to compute, %d already stored", backend, len(todo),
+                    len(names) - len(todo))
         model.prepare(str(image_dir), names)
-        for name, image in tqdm(iter_images(image_dir, todo), total=len(todo), desc=f"global {backend}", unit="img"):
+        # Images wait in one bucket per size until the bucket is full; the buckets are bounded in number by the
+        # distinct sizes in flight, and all are flushed at the end.
+        buckets: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = defaultdict(list)
+
+        def flush(key: tuple[int, ...]) -> None:
+            items = buckets.pop(key, [])
+            if not items:
+                return
+            if batch_size > 1:
+                descriptors = model.describe_batch([image for _, image in items])
+            else:
+                descriptors = [model.describe(items[0][1])]
+            for (name, _), descriptor in zip(items, descriptors):
+                writer.write(name, descriptor)
+
+        progress = tqdm(iter_images(image_dir, todo), total=len(todo), desc=f"global {backend}", unit="img")
+        for name, image in progress:
             if isinstance(image, ImageReadError):
                 logger.warning("Skipping unreadable image %s: %s", name, image)
                 continue
-            writer.write(name, model.describe(image))
+            buckets[image.shape].append((name, image))
+            if len(buckets[image.shape]) >= batch_size:
+                flush(image.shape)
+            elif sum(len(b) for b in buckets.values()) >= 4 * batch_size:
+                flush(max(buckets, key=lambda k: len(buckets[k])))
+        for key in list(buckets):
+            flush(key)
     return Path(export_path)
+
+
+def retrieve(
+    query_names: Sequence[str],
+    query_descriptors: np.ndarray,
+    database_names: Sequence[str],
+    database_descriptors: np.ndarray,
+    num_matched: int,
+    min_score: float | None = None,
+    allowed: Mapping[str, Iterable[str]] | None = None,
+) -> list[ScoredPair]:
+    """For each query, its `num_matched` most similar database images (never itself), with their scores.
+
+    `allowed[query]`, when present, restricts that query's candidates to those names (e.g. GPS neighbours);
+    queries absent from `allowed` are unrestricted.
+    """
+    if num_matched < 1:
+        raise InputError("--num-matched must be at least 1")
+    if len(query_names) == 0 or len(database_names) == 0:
+        return []
+    if query_descriptors.shape[1] != database_descriptors.shape[1]:
+        raise InputError(
+            f"query and database descriptors differ in size ({query_descriptors.shape[1]} vs "
+            f"{database_descriptors.shape[1]}): they come from different backends"
+        )
+    db_index = {name: i for i, name in enumerate(database_names)}
+    database = torch.from_numpy(np.ascontiguousarray(database_descriptors, dtype=np.float32))
+    k = min(num_matched, len(database_names))
+    results: list[ScoredPair] = []
+    for start in range(0, len(query_names), QUERY_BLOCK):
+        block_names = query_names[start:start + QUERY_BLOCK]
+        block = torch.from_numpy(np.ascontiguousarray(query_descriptors[start:start + QUERY_BLOCK], dtype=np.float32))
+        similarity = block @ database.T
+        for row, name in enumerate(block_names):
+            if name in db_index:
+                similarity[row, db_index[name]] = -torch.inf
+            if allowed is not None and name in allowed:
+                keep = torch.zeros(len(database_names), dtype=torch.bool)
+                keep[[db_index[other] for other in allowed[name] if other in db_index]] = True
+                similarity[row, ~keep] = -torch.inf
+        if min_score is not None:
+            similarity[similarity < min_score] = -torch.inf
+        scores, indices = similarity.topk(k, dim=1, sorted=True)
+        for row, name in enumerate(block_names):
+            for score, index in zip(scores[row].tolist(), indices[row].tolist()):
+                if np.isfinite(score):
+                    results.append((name, database_names[index], float(score)))
+    return results
+
+
+def cap_per_image(scored: Sequence[ScoredPair], max_pairs_per_image: int | None) -> list[ScoredPair]:
+    """Symmetric de-duplication, then at most `max_pairs_per_image` pairs touching any one image.
+
+    Pairs are admitted greedily from the most similar down, so each image keeps its strongest links; a pair is
+    dropped when either image is already full. The cap bounds the matching load of "hub" images that look like
+    everything (sky, façades) and would otherwise be in hundreds of pairs.
+    """
+    if max_pairs_per_image is not None and max_pairs_per_image < 1:
+        raise InputError("--max-pairs-per-image must be at least 1")
+    best: dict[tuple[str, str], ScoredPair] = {}
+    for name0, name1, score in scored:
+        if name0 == name1:
+            continue
+        key = (name0, name1) if name0 <= name1 else (name1, name0)
+        if key not in best:
+            best[key] = (name0, name1, score)
+        elif score > best[key][2]:
+            best[key] = (best[key][0], best[key][1], score)
+    if not max_pairs_per_image:
+        return list(best.values())
+    pairs = sorted(best.values(), key=lambda pair: -pair[2])
+    count: dict[str, int] = defaultdict(int)
+    kept = []
+    for name0, name1, score in pairs:
+        if count[name0] < max_pairs_per_image and count[name1] < max_pairs_per_image:
+            count[name0] += 1
+            count[name1] += 1
+            kept.append((name0, name1, score))
+    return kept
 
 
 def top_k_pairs(
@@ -56,33 +177,22 @@ def top_k_pairs(
     query_names: Sequence[str] | None = None,
     database_names: Sequence[str] | None = None,
     min_score: float | None = None,
+    max_pairs_per_image: int | None = None,
+    allowed: Mapping[str, Iterable[str]] | None = None,
 ) -> list[tuple[str, str]]:
     """Each query with its `num_matched` most similar database images (self excluded), de-duplicated."""
-    if num_matched < 1:
-        raise InputError("--num-matched must be at least 1")
     all_names, _ = read_global_descriptors(descriptors_path)
     queries, query_desc = read_global_descriptors(descriptors_path, query_names or all_names)
     database, db_desc = read_global_descriptors(descriptors_path, database_names or all_names)
-    similarity = torch.from_numpy(query_desc) @ torch.from_numpy(db_desc).T
-    db_index = {name: i for i, name in enumerate(database)}
-    for qi, name in enumerate(queries):
-        if name in db_index:
-            similarity[qi, db_index[name]] = -float("inf")
-    if min_score is not None:
-        similarity[similarity < min_score] = -float("inf")
-    k = min(num_matched, len(database))
-    scores, indices = similarity.topk(k, dim=1)
-    pairs = []
-    for qi, name in enumerate(queries):
-        for score, index in zip(scores[qi].tolist(), indices[qi].tolist()):
-            if np.isfinite(score):
-                pairs.append((name, database[index]))
-    return deduplicate(pairs)
+    scored = retrieve(queries, query_desc, database, db_desc, num_matched, min_score, allowed)
+    return [(name0, name1) for name0, name1, _ in cap_per_image(scored, max_pairs_per_image)]
 
 
-def neighbours(pairs: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
-    """Pair list → each image's partners, in pair order (used for loop closure candidates)."""
+def neighbours(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """Pair list → each image's partners in both directions, in pair order."""
     out: dict[str, list[str]] = {}
     for name0, name1 in pairs:
         out.setdefault(name0, []).append(name1)
+        out.setdefault(name1, []).append(name0)
     return out
+

@@ -54,14 +54,43 @@ def _feature_conf(args) -> dict[str, Any]:
 
 
 def _add_pairs_options(parser: argparse.ArgumentParser, default_method: str) -> None:
-    parser.add_argument("--method", "--pairs", dest="method", default=default_method,
-                        choices=["auto", "exhaustive", "sequential", "retrieval"])
-    parser.add_argument("--num-matched", type=int, default=20, help="retrieval: neighbours per image")
-    parser.add_argument("--overlap", type=int, default=10, help="sequential: frames matched ahead")
-    parser.add_argument("--loop-closure", action="store_true", help="sequential: add retrieval neighbours")
-    parser.add_argument("--loop-every", type=int, default=5, help="sequential: loop-closure frame interval")
-    parser.add_argument("--retrieval", default="vlad", help=f"global descriptor ({', '.join(registry.names('global'))})")
-    parser.add_argument("--exhaustive-max-images", type=int, default=50, help="auto: exhaustive up to this many images")
+    group = parser.add_argument_group("pairs")
+    group.add_argument("--method", "--pairs", dest="method", default=default_method,
+                       choices=["auto", "exhaustive", "sequential", "retrieval", "spatial"])
+    group.add_argument("--num-matched", type=int, default=20,
+                       help="retrieval: neighbours per query; sequential: loop-closure neighbours per loop frame")
+    group.add_argument("--retrieval", default="vlad", help=f"global descriptor ({', '.join(registry.names('global'))})")
+    group.add_argument("--retrieval-conf", action="append", metavar="KEY=VALUE",
+                       help="global descriptor option, e.g. backbone=ResNet18, dim=512, weights=PATH")
+    group.add_argument("--query-list", type=Path, help="retrieval: file of image names that query (default: all)")
+    group.add_argument("--database-list", type=Path, help="retrieval: file of image names to retrieve from")
+    group.add_argument("--min-similarity", type=float, help="retrieval: drop neighbours below this cosine similarity")
+    group.add_argument("--max-pairs-per-image", type=int, help="retrieval: no image in more than this many pairs")
+    group.add_argument("--overlap", type=int, default=10, help="sequential: frames matched ahead")
+    group.add_argument("--quadratic-overlap", action=argparse.BooleanOptionalAction, default=True,
+                       help="sequential: also frames i+2^k (COLMAP default)")
+    group.add_argument("--loop-closure", action="store_true", help="sequential: add retrieval neighbours")
+    group.add_argument("--loop-every", type=int, default=10, help="sequential: loop-closure frame interval")
+    group.add_argument("--gps", dest="gps_prior", action="store_true",
+                       help="retrieval/loop closure: only among EXIF-GPS neighbours (images without GPS stay in)")
+    group.add_argument("--spatial-max-neighbors", type=int, default=50, help="spatial / --gps: nearest images kept")
+    group.add_argument("--spatial-max-distance", type=float, default=100.0, help="spatial / --gps: radius in metres")
+    group.add_argument("--exhaustive-max-images", type=int, default=50, help="auto: exhaustive up to this many images")
+
+
+def _pairs_config(args) -> dict[str, Any]:
+    """RunConfig fields from the pairs options."""
+    from pairs.io import read_name_list
+
+    return dict(
+        pairs=args.method, exhaustive_max_images=args.exhaustive_max_images, num_matched=args.num_matched,
+        overlap=args.overlap, quadratic_overlap=args.quadratic_overlap, loop_closure=args.loop_closure,
+        loop_every=args.loop_every, retrieval=args.retrieval, retrieval_conf=parse_overrides(args.retrieval_conf),
+        query_list=read_name_list(args.query_list) if args.query_list else None,
+        database_list=read_name_list(args.database_list) if args.database_list else None,
+        min_similarity=args.min_similarity, max_pairs_per_image=args.max_pairs_per_image, gps_prior=args.gps_prior,
+        spatial_max_neighbors=args.spatial_max_neighbors, spatial_max_distance=args.spatial_max_distance,
+    )
 
 
 def _add_sfm_options(parser: argparse.ArgumentParser) -> None:
@@ -160,9 +189,8 @@ def _command_run(args) -> int:
         matcher_conf["ratio_threshold"] = args.ratio
     config = RunConfig(
         features=args.features, feature_conf=_feature_conf(args), matcher=args.matcher, matcher_conf=matcher_conf,
-        pairs=args.method, exhaustive_max_images=args.exhaustive_max_images, num_matched=args.num_matched,
-        overlap=args.overlap, loop_closure=args.loop_closure, loop_every=args.loop_every, retrieval=args.retrieval,
-        sfm=_sfm_options(args), exports=tuple(f for f in args.export.split(",") if f), device=args.device,
+        **_pairs_config(args), sfm=_sfm_options(args), exports=tuple(f for f in args.export.split(",") if f),
+        device=args.device,
     )
     result = run(args.images, args.out, config)
     print(result.summary())
@@ -179,13 +207,9 @@ def _command_pairs(args) -> int:
     from .pipeline import RunConfig, plan_pairs
 
     names = list_images(args.images)
-    config = RunConfig(pairs=args.method, num_matched=args.num_matched, overlap=args.overlap,
-                       loop_closure=args.loop_closure, loop_every=args.loop_every, retrieval=args.retrieval,
-                       exhaustive_max_images=args.exhaustive_max_images, device=args.device)
-    path, method, count = plan_pairs(args.images, args.output.parent, names, config)
-    if path != args.output:
-        path.replace(args.output)
-    print(f"{count} pairs ({method}) → {args.output}")
+    config = RunConfig(**_pairs_config(args), device=args.device)
+    path, method, count = plan_pairs(args.images, args.output.parent, names, config, pairs_path=args.output)
+    print(f"{count} pairs ({method}) → {path} (per-source counts in {path.with_name(path.stem + '-stats.json')})")
     return 0
 
 

@@ -18,12 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from feature_backends import registry
-from feature_backends.errors import ConfigError
 from feature_backends.images import list_images
-from pairs.exhaustive import exhaustive_pairs
-from pairs.io import write_pairs
-from pairs.retrieval import extract_global_descriptors, neighbours, top_k_pairs
-from pairs.sequential import sequential_pairs
+from pairs.planner import PairOptions, plan, write_plan
 
 from .export import EXPORT_FORMATS, export
 from .sfm import SfMOptions, SfMResult, reconstruct
@@ -31,7 +27,7 @@ from .stages import extract, match
 
 logger = logging.getLogger(__name__)
 
-PairsMethod = Literal["auto", "exhaustive", "sequential", "retrieval"]
+PairsMethod = Literal["auto", "exhaustive", "sequential", "retrieval", "spatial"]
 
 
 @dataclass
@@ -45,10 +41,18 @@ class RunConfig:
     exhaustive_max_images: int = 50
     num_matched: int = 20
     overlap: int = 10
+    quadratic_overlap: bool = True  # sequential: also frames i+2^k (COLMAP's default)
     loop_closure: bool = False  # sequential: add retrieval neighbours every `loop_every` frames
-    loop_every: int = 5
+    loop_every: int = 10
     retrieval: str = "vlad"
     retrieval_conf: dict[str, Any] = field(default_factory=dict)
+    query_list: list[str] | None = None  # retrieval: only these images query (default: all)
+    database_list: list[str] | None = None  # retrieval: only these images are retrieved (default: all)
+    min_similarity: float | None = None
+    max_pairs_per_image: int | None = None
+    gps_prior: bool = False  # retrieval / loop closure: only among EXIF-GPS neighbours
+    spatial_max_neighbors: int = 50
+    spatial_max_distance: float = 100.0  # metres
     sfm: SfMOptions = field(default_factory=SfMOptions)
     exports: tuple[str, ...] = EXPORT_FORMATS
     device: str | None = None
@@ -83,31 +87,25 @@ class RunResult:
         return "\n".join(lines)
 
 
-def plan_pairs(image_dir: Path, out_dir: Path, names: list[str], config: RunConfig) -> tuple[Path, str, int]:
-    """Write OUT/pairs.txt with the configured (or automatically chosen) method."""
+def plan_pairs(image_dir: Path, out_dir: Path, names: list[str], config: RunConfig,
+               pairs_path: Path | None = None) -> tuple[Path, str, int]:
+    """Write OUT/pairs.txt (and pairs-stats.json) with the configured (or automatically chosen) method."""
     method = config.pairs
     if method == "auto":
         method = "exhaustive" if len(names) <= config.exhaustive_max_images else "retrieval"
         logger.info("Pairs: %s for %d images (exhaustive up to %d)", method, len(names), config.exhaustive_max_images)
-    if method == "exhaustive":
-        pairs = exhaustive_pairs(names)
-    elif method in ("retrieval", "sequential"):
-        retrieved = None
-        if method == "retrieval" or config.loop_closure:
-            descriptors = extract_global_descriptors(image_dir, out_dir / "global-feats.h5", config.retrieval,
-                                                     config.retrieval_conf, names, device=config.device)
-            retrieved = top_k_pairs(descriptors, config.num_matched, names, names)
-        if method == "retrieval":
-            pairs = retrieved
-        else:
-            pairs = sequential_pairs(names, config.overlap,
-                                     loop_candidates=neighbours(retrieved) if retrieved else None,
-                                     loop_every=config.loop_every)
-    else:
-        raise ConfigError(f"unknown pairs method '{method}'")
-    path = write_pairs(out_dir / "pairs.txt", pairs)
-    logger.info("Pairs: %d from %s", len(pairs), method)
-    return path, method, len(pairs)
+    options = PairOptions(
+        method=method, num_matched=config.num_matched, query_list=config.query_list,
+        database_list=config.database_list, min_similarity=config.min_similarity,
+        max_pairs_per_image=config.max_pairs_per_image, overlap=config.overlap,
+        quadratic_overlap=config.quadratic_overlap, loop_closure=config.loop_closure, loop_every=config.loop_every,
+        gps_prior=config.gps_prior, spatial_max_neighbors=config.spatial_max_neighbors,
+        spatial_max_distance=config.spatial_max_distance,
+    )
+    pairs_plan = plan(image_dir, names, options, out_dir / "global-feats.h5", config.retrieval,
+                      config.retrieval_conf, config.device)
+    path = write_plan(pairs_plan, pairs_path or out_dir / "pairs.txt")
+    return path, method, len(pairs_plan.pairs)
 
 
 def run(image_dir: str | Path, out_dir: str | Path, config: RunConfig | None = None) -> RunResult:

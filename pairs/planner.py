@@ -1,0 +1,217 @@
+"""The pair planner: one entry point that combines exhaustive, sequential (+ loop closure), retrieval and the GPS
+prior, and reports how many pairs each source contributed.
+
+Sources and their rules:
+- exhaustive: all N(N-1)/2 pairs.
+- sequential: the COLMAP window (pairs.sequential); with `loop_closure`, every `loop_every`-th frame also gets
+  its `num_matched` retrieval neighbours from the whole collection (COLMAP's loop detection with global
+  descriptors in place of the vocabulary tree).
+- retrieval: each query (all images, or `query_list`) with its `num_matched` most similar images of the database
+  (all images, or `database_list`), above `min_similarity`, with at most `max_pairs_per_image` pairs per image.
+- spatial: COLMAP's spatial matcher on EXIF GPS (pairs.spatial). With `gps_prior`, retrieval candidates of a
+  positioned query are restricted to its spatial neighbours instead.
+The per-image cap and the similarity floor apply to retrieval-derived pairs only: capping a sequential window
+would cut the chain that keeps a video connected. Pairs are de-duplicated symmetrically across all sources.
+
+`PairPlan.stats()` is what `recon` writes to OUT/pairs-stats.json: pairs per source (each counted where it first
+appeared), the pair-count distribution over images and the images left without any pair.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from feature_backends.errors import ConfigError, InputError
+from feature_backends.store import read_global_descriptors
+
+from .exhaustive import exhaustive_pairs
+from .io import write_pairs
+from .retrieval import cap_per_image, extract_global_descriptors, retrieve
+from .sequential import loop_frames, sequential_pairs
+from .spatial import allowed_candidates, read_positions, spatial_neighbours, spatial_pairs
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["exhaustive", "sequential", "retrieval", "spatial"]
+METHODS: tuple[str, ...] = ("exhaustive", "sequential", "retrieval", "spatial")
+
+
+@dataclass
+class PairOptions:
+    method: Method = "retrieval"
+    num_matched: int = 20  # retrieval neighbours per query (also per loop-closure frame)
+    query_list: list[str] | None = None
+    database_list: list[str] | None = None
+    min_similarity: float | None = None
+    max_pairs_per_image: int | None = None
+    overlap: int = 10
+    quadratic_overlap: bool = True
+    per_folder: bool = True
+    loop_closure: bool = False
+    loop_every: int = 10
+    gps_prior: bool = False
+    spatial_max_neighbors: int = 50
+    spatial_max_distance: float = 100.0  # metres
+    spatial_min_neighbors: int = 0
+    spatial_ignore_z: bool = True
+
+
+@dataclass
+class PairPlan:
+    method: str
+    names: list[str]
+    pairs: list[tuple[str, str]]
+    sources: dict[str, int] = field(default_factory=dict)  # pairs each source added (first occurrence)
+    details: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def stats(self) -> dict[str, Any]:
+        degree = Counter()
+        for name0, name1 in self.pairs:
+            degree[name0] += 1
+            degree[name1] += 1
+        counts = [degree[name] for name in self.names]
+        isolated = [name for name in self.names if degree[name] == 0]
+        return {
+            "method": self.method,
+            "num_images": len(self.names),
+            "num_pairs": len(self.pairs),
+            "pairs_by_source": dict(self.sources),
+            "pairs_per_image": {
+                "min": min(counts, default=0), "max": max(counts, default=0),
+                "mean": round(sum(counts) / len(counts), 3) if counts else 0.0,
+            },
+            "images_without_pairs": len(isolated),
+            "images_without_pairs_examples": isolated[:20],
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+            **self.details,
+        }
+
+
+class _Accumulator:
+    """Symmetric de-duplication across sources, counting what each source adds."""
+
+    def __init__(self):
+        self.pairs: list[tuple[str, str]] = []
+        self.seen: set[tuple[str, str]] = set()
+        self.sources: dict[str, int] = {}
+
+    def add(self, source: str, pairs: Sequence[tuple[str, str]]) -> None:
+        added = 0
+        for name0, name1 in pairs:
+            key = (name0, name1) if name0 <= name1 else (name1, name0)
+            if name0 != name1 and key not in self.seen:
+                self.seen.add(key)
+                self.pairs.append((name0, name1))
+                added += 1
+        self.sources[source] = self.sources.get(source, 0) + added
+
+
+def _check_subset(listed: Sequence[str] | None, names: Sequence[str], what: str) -> None:
+    if listed is None:
+        return
+    unknown = sorted(set(listed) - set(names))
+    if unknown:
+        raise InputError(f"the {what} list names {len(unknown)} images not in the collection, e.g. {unknown[:3]}")
+    if not listed:
+        raise InputError(f"the {what} list is empty")
+
+
+def plan(
+    image_dir: str | Path,
+    names: Sequence[str],
+    options: PairOptions,
+    descriptors_path: str | Path | None = None,
+    retrieval: str = "vlad",
+    retrieval_conf: Mapping[str, Any] | None = None,
+    device: Any = None,
+) -> PairPlan:
+    """Choose the pairs for `names` (relative to `image_dir`). Global descriptors go to `descriptors_path`."""
+    names = list(names)
+    if options.method not in METHODS:
+        raise ConfigError(f"unknown pairs method '{options.method}'; choose one of {', '.join(METHODS)}")
+    _check_subset(options.query_list, names, "query")
+    _check_subset(options.database_list, names, "database")
+    result = _Accumulator()
+    details: dict[str, Any] = {"options": asdict(options) | {"query_list": _size(options.query_list),
+                                                            "database_list": _size(options.database_list)}}
+    seconds: dict[str, float] = {}
+    needs_retrieval = options.method == "retrieval" or (options.method == "sequential" and options.loop_closure)
+    positions = None
+    if options.method == "spatial" or (options.gps_prior and needs_retrieval):
+        start = time.perf_counter()
+        positions = read_positions(image_dir, names, options.spatial_ignore_z)
+        neighbours = spatial_neighbours(positions, options.spatial_max_neighbors, options.spatial_max_distance,
+                                        options.spatial_min_neighbors)
+        seconds["gps"] = time.perf_counter() - start
+        details["images_with_gps"] = len(positions)
+        if not positions:
+            logger.warning("GPS: no image carries EXIF GPS; the spatial prior has no effect")
+
+    if options.method == "exhaustive":
+        start = time.perf_counter()
+        result.add("exhaustive", exhaustive_pairs(names))
+        seconds["exhaustive"] = time.perf_counter() - start
+    elif options.method == "spatial":
+        result.add("spatial", spatial_pairs(neighbours))
+    elif options.method == "sequential":
+        start = time.perf_counter()
+        result.add("sequential", sequential_pairs(names, options.overlap, options.quadratic_overlap,
+                                                  options.per_folder))
+        seconds["sequential"] = time.perf_counter() - start
+
+    if needs_retrieval:
+        if descriptors_path is None:
+            raise ConfigError("retrieval needs a path for the global descriptors (global-feats.h5)")
+        if options.method == "sequential":
+            queries, database = loop_frames(names, options.loop_every, options.per_folder), names
+        else:
+            queries, database = options.query_list or names, options.database_list or names
+        start = time.perf_counter()
+        # Descriptors for the whole collection, not just the listed images: VLAD fits its codebook on the images
+        # it is given, and descriptors from different codebooks in one file would not be comparable.
+        extract_global_descriptors(image_dir, descriptors_path, retrieval, retrieval_conf, names, device=device)
+        seconds["global_descriptors"] = time.perf_counter() - start
+        start = time.perf_counter()
+        stored, descriptors = read_global_descriptors(descriptors_path)
+        row = {name: i for i, name in enumerate(stored)}
+        queries = [name for name in queries if name in row]  # unreadable images were reported and skipped
+        database = [name for name in database if name in row]
+        query_desc = descriptors[[row[name] for name in queries]]
+        db_desc = descriptors[[row[name] for name in database]]
+        allowed = allowed_candidates(names, neighbours) if positions else None
+        scored = retrieve(queries, query_desc, database, db_desc, options.num_matched, options.min_similarity, allowed)
+        capped = cap_per_image(scored, options.max_pairs_per_image)
+        source = "loop_closure" if options.method == "sequential" else "retrieval"
+        details[source] = {"queries": len(queries), "candidates": len(scored), "after_dedup_and_cap": len(capped),
+                           "backend": retrieval}
+        result.add(source, [(name0, name1) for name0, name1, _ in capped])
+        seconds["retrieval"] = time.perf_counter() - start
+
+    pairs_plan = PairPlan(options.method, names, result.pairs, result.sources, details, seconds)
+    stats = pairs_plan.stats()
+    logger.info("Pairs: %d for %d images (%s); per source: %s", len(result.pairs), len(names), options.method,
+                ", ".join(f"{k} {v}" for k, v in result.sources.items()))
+    if stats["images_without_pairs"]:
+        logger.warning("Pairs: %d images are in no pair, e.g. %s", stats["images_without_pairs"],
+                       stats["images_without_pairs_examples"][:3])
+    return pairs_plan
+
+
+def _size(listed: Sequence[str] | None) -> int | None:
+    return None if listed is None else len(listed)
+
+
+def write_plan(pairs_plan: PairPlan, pairs_path: str | Path, stats_path: str | Path | None = None) -> Path:
+    """Write the pairs file and, unless given elsewhere, `<stem>-stats.json` next to it (pairs-stats.json)."""
+    pairs_path = write_pairs(pairs_path, pairs_plan.pairs)
+    stats_path = Path(stats_path) if stats_path else pairs_path.with_name(f"{pairs_path.stem}-stats.json")
+    stats_path.write_text(json.dumps(pairs_plan.stats(), indent=2, default=str))
+    return pairs_path
