@@ -284,7 +284,7 @@ def evaluate(model_dir: str | Path, gt_path: str | Path | dict[str, CameraGT],
         keep = _match_names(gt, image_names)
         gt = {name: gt[name] for name in keep}
     if not gt:
-        raise InputError(f"{gt_path}: no ground-truth cameras to evaluate against")
+        raise InputError("no ground-truth cameras to evaluate against (check --gt and --images)")
     reconstruction = _read_reconstruction(model_dir)
     posed = {image.name: image for image in reconstruction.images.values() if image.has_pose}
     gt_to_model = _match_names(gt, posed)
