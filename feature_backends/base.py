@@ -191,10 +191,13 @@ class LocalFeatures(Backend):
         keypoints = pred["keypoints"].reshape(-1, 2)
         descriptors = pred["descriptors"].reshape(len(keypoints), -1)
         scores = pred["scores"].reshape(-1)
+        # Further per-keypoint arrays (e.g. SIFT's scales and orientations) are kept and filtered alongside.
+        extras = {k: v for k, v in pred.items() if k not in ("keypoints", "descriptors", "scores")}
         max_keypoints = self.conf.max_keypoints
         if max_keypoints is not None and len(keypoints) > max_keypoints:
             keep = np.argsort(-scores, kind="stable")[:max_keypoints]
             keypoints, descriptors, scores = keypoints[keep], descriptors[keep], scores[keep]
+            extras = {k: v[keep] for k, v in extras.items()}
         # Pixel centres sit at integer coordinates: scale about the centre of the top-left pixel.
         keypoints = (keypoints + 0.5) / np.asarray(scale, np.float32) - 0.5
         return {
@@ -202,6 +205,7 @@ class LocalFeatures(Backend):
             "descriptors": np.ascontiguousarray(descriptors.T).astype(self.descriptor_dtype),
             "scores": scores.astype(np.float32),
             "image_size": np.array([width, height], dtype=np.int64),
+            **{k: v.astype(np.float32) for k, v in extras.items()},
         }
 
 

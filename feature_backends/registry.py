@@ -20,9 +20,15 @@ KINDS = ("features", "matcher", "dense", "global")
 BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
     "features": {
         "sift": "feature_backends.sift:SIFT",
+        "dedode": "feature_backends.dedode:DeDoDe",
+        "dad": "feature_backends.dad:DaD",
+        "disk": "feature_backends.disk:DISK",
+        "aliked": "feature_backends.aliked:ALIKED",
     },
     "matcher": {
         "mnn": "feature_backends.nearest_neighbor:MutualNearestNeighbor",
+        "dual-softmax": "feature_backends.dual_softmax:DualSoftmax",
+        "lightglue": "feature_backends.lightglue:LightGlue",
     },
     "dense": {},
     "global": {

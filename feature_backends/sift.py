@@ -60,6 +60,8 @@ class SIFT(LocalFeatures):
                 "keypoints": np.zeros((0, 2), np.float32),
                 "descriptors": np.zeros((0, 128), np.float32),
                 "scores": np.zeros((0,), np.float32),
+                "scales": np.zeros((0,), np.float32),
+                "oris": np.zeros((0,), np.float32),
             }
         if self.conf.root_sift:
             descriptors = root_sift(descriptors)
@@ -69,4 +71,7 @@ class SIFT(LocalFeatures):
             "keypoints": np.array([kp.pt for kp in keypoints], np.float32),
             "descriptors": descriptors.astype(np.float32),
             "scores": np.array([kp.response for kp in keypoints], np.float32),
+            # LightGlue's SIFT weights also read each keypoint's size (px) and angle (radians), as cvg's extractor.
+            "scales": np.array([kp.size for kp in keypoints], np.float32),
+            "oris": np.deg2rad(np.array([kp.angle for kp in keypoints], np.float32)),
         }

@@ -1,0 +1,123 @@
+"""LightGlue (Lindenberger et al. 2023) through kornia's `kornia.feature.LightGlue`, loaded strictly.
+
+The network is kornia's, built with `features=None` (no download) and the configuration kornia keeps for each
+feature type. The official loaders (cvg/LightGlue and kornia) load the checkpoint with `strict=False`, so a
+wrong or truncated file silently leaves layers random; here the legacy key names are renamed as those loaders do
+(`self_attn.<i>` / `cross_attn.<i>` → `transformers.<i>.*`, a leading `matcher.` stripped), and any missing or
+unexpected key is an error, except the `confidence_thresholds` buffer that LightGlue derives from its config.
+
+Feature types with official weights: sift, disk, aliked (cvg/LightGlue release v0.1_arxiv) and dedodeb, dedodeg
+(trained by kornia's maintainers, hosted at cmp.felk.cvut.cz; kornia's URL table). The weights depend on the
+features, so the `features` key is required; `features_from_record` maps the record a recon features file keeps
+(backend name and conf) to it. SIFT's LightGlue also reads each keypoint's scale and orientation: the SIFT backend
+stores them as the `scales` (OpenCV keypoint size, pixels of the extraction resolution, as cvg's SIFT extractor
+passes them) and `oris` (radians) datasets. No official SHA-256 is published for these files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from kornia.feature import LightGlue as KorniaLightGlue
+
+from .base import SparseMatcher
+from .errors import ConfigError, WeightsError
+from .weights import WeightFile, load_checkpoint
+
+_CVG = "https://github.com/cvg/LightGlue/releases/download/v0.1_arxiv"
+_CMP = "https://cmp.felk.cvut.cz/~mishkdmy/models"
+LIGHTGLUE_WEIGHTS = {
+    "sift": WeightFile("sift_lightglue.pth", f"{_CVG}/sift_lightglue.pth"),
+    "disk": WeightFile("disk_lightglue.pth", f"{_CVG}/disk_lightglue.pth"),
+    "aliked": WeightFile("aliked_lightglue.pth", f"{_CVG}/aliked_lightglue.pth"),
+    "dedodeb": WeightFile("dedodeb_lightglue.pth", f"{_CMP}/dedodeb_lightglue.pth"),
+    "dedodeg": WeightFile("dedodeg_lightglue.pth", f"{_CMP}/dedodeg_lightglue.pth"),
+}
+#: Buffers LightGlue computes from its configuration; checkpoints may or may not carry them.
+DERIVED_BUFFERS = frozenset({"confidence_thresholds"})
+
+
+def features_from_record(record: Mapping[str, Any] | None) -> str | None:
+    """The LightGlue feature type for the {"backend", "conf"} record of a recon features file, if it has one."""
+    if not record:
+        return None
+    backend, conf = record.get("backend"), record.get("conf") or {}
+    if backend in ("dedode", "dad"):
+        return "dedodeg" if str(conf.get("descriptor", "B")).startswith("G") else "dedodeb"
+    return backend if backend in LIGHTGLUE_WEIGHTS else None
+
+
+def rename_legacy_keys(state_dict: Mapping[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("matcher.")
+        for i in range(n_layers):
+            key = key.replace(f"self_attn.{i}.", f"transformers.{i}.self_attn.")
+            key = key.replace(f"cross_attn.{i}.", f"transformers.{i}.cross_attn.")
+        renamed[key] = value
+    return renamed
+
+
+class LightGlue(SparseMatcher):
+    default_conf = {
+        "features": None,  # sift | disk | aliked | dedodeb | dedodeg
+        "weights": None,  # explicit checkpoint path
+        "filter_threshold": 0.1,
+        "depth_confidence": 0.95,  # early stopping; -1 disables
+        "width_confidence": 0.99,  # point pruning; -1 disables
+        "flash": True,
+    }
+    weight_files: ClassVar[dict[str, Any]] = {name: (file,) for name, file in LIGHTGLUE_WEIGHTS.items()}
+
+    def _init(self, conf) -> None:
+        if conf.features not in LIGHTGLUE_WEIGHTS:
+            raise ConfigError(
+                f"LightGlue needs the feature type its weights were trained for: set features to one of "
+                f"{', '.join(LIGHTGLUE_WEIGHTS)} (e.g. --matcher-conf features=disk); got {conf.features!r}"
+            )
+        self.features = conf.features
+        preset = {k: v for k, v in KorniaLightGlue.features[conf.features].items() if k != "weights"}
+        self.model = KorniaLightGlue(
+            features=None, **preset, filter_threshold=conf.filter_threshold, depth_confidence=conf.depth_confidence,
+            width_confidence=conf.width_confidence, flash=conf.flash,
+            mp=self.device.type == "cuda" and conf.mixed_precision,
+        )
+        weight = LIGHTGLUE_WEIGHTS[conf.features]
+        state_dict = load_checkpoint(weight, conf.weights)
+        if not isinstance(state_dict, Mapping):
+            raise WeightsError(f"'{weight.filename}' is not a state dict (got {type(state_dict).__name__})")
+        self.load_weights(rename_legacy_keys(state_dict, self.model.conf.n_layers), weight.filename)
+        self.model.eval().to(self.device)
+        if conf.features == "sift":
+            self.required_inputs = ("keypoints", "descriptors", "scales", "oris")
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        result = self.model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in result.missing_keys if k not in DERIVED_BUFFERS]
+        if missing or result.unexpected_keys:
+            raise WeightsError(
+                f"'{source}' does not fit LightGlue for {self.features}: {len(missing)} missing keys {missing[:5]}, "
+                f"{len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:5]}"
+            )
+
+    def _image(self, data: dict[str, torch.Tensor], suffix: str) -> dict[str, torch.Tensor]:
+        descriptors = data["descriptors" + suffix].mT.float()
+        if self.features.startswith("dedode") and descriptors.shape[1] > 1:
+            norms = descriptors.norm(dim=-1)
+            if torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+                raise ConfigError(
+                    "LightGlue's DeDoDe weights take the raw DeDoDe descriptors, but these are L2-normalised: "
+                    "extract with --conf normalize_descriptors=false"
+                )
+        image = {"keypoints": data["keypoints" + suffix].float(), "descriptors": descriptors,
+                 "image_size": data["image_size" + suffix].float()}
+        if self.model.conf.add_scale_ori:
+            image["scales"] = data["scales" + suffix].float()
+            image["oris"] = data["oris" + suffix].float()
+        return image
+
+    def _match(self, data):
+        pred = self.model({"image0": self._image(data, "0"), "image1": self._image(data, "1")})
+        return {"matches0": pred["matches0"], "matching_scores0": pred["matching_scores0"]}
