@@ -35,11 +35,14 @@ from typing import Callable
 
 import pycolmap
 
+from PIL import Image
+
+from feature_backends.errors import ReconError
+from feature_backends.images import list_images
 from recon.eval import EvalResult, evaluate, load_ground_truth
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 STAGES = ("extract", "match", "map")
 
 
@@ -75,18 +78,11 @@ class BenchRow:
         return sum(self.times.values()) if self.times else math.nan
 
 
-def list_images(image_dir: Path) -> list[str]:
-    return sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def max_image_side(image_dir: Path, names: list[str]) -> int:
-    import cv2  # only the header matters, but OpenCV has no header-only reader; images here are small in number
-
     side = 0
     for name in names:
-        image = cv2.imread(str(image_dir / name), cv2.IMREAD_UNCHANGED)
-        side = max(side, *image.shape[:2])
+        with Image.open(image_dir / name) as image:  # reads the header only
+            side = max(side, *image.size)
     return side
 
 
@@ -170,6 +166,8 @@ def bench_scene(scene: Scene, data_dir: Path, out_dir: Path, runners: dict[str, 
                     row.result = evaluate(model_dir, gt)
             except ImportError as error:
                 row.error = f"unavailable ({error})"
+            except (ReconError, RuntimeError) as error:  # one failed run must not lose the others' rows
+                row.error = f"failed: {error}"
             print(f"[{scene.name}] {method} ({label}): " + _summary(row), flush=True)
             rows.append(row)
     return rows
