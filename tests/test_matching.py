@@ -1,0 +1,72 @@
+"""The MNN matcher against a plain numpy reference, and the checked backend configuration."""
+
+import numpy as np
+import pytest
+
+from feature_backends.base import Conf, merge_conf
+from feature_backends.errors import ConfigError
+from feature_backends.nearest_neighbor import MutualNearestNeighbor, mutual_nearest_neighbors
+from feature_backends.registry import get_backend, resolve
+
+
+def reference_mnn(d0, d1, ratio):
+    dist = np.sqrt(np.maximum(((d0[:, None] - d1[None]) ** 2).sum(-1), 0))
+    matches = np.full(len(d0), -1)
+    for i in range(len(d0)):
+        order = np.argsort(dist[i])
+        j = order[0]
+        if dist[i, j] > ratio * dist[i, order[1]]:
+            continue
+        if np.argmin(dist[:, j]) == i:
+            matches[i] = j
+    return matches
+
+
+def normalized(rng, n, d=32):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("block", [1 << 26, 7 * 50])  # one block, and row chunks of 7
+def test_mnn_equals_reference(block):
+    import torch
+
+    rng = np.random.default_rng(0)
+    d1 = normalized(rng, 50)
+    d0 = np.concatenate([d1[:30] + 0.05 * normalized(rng, 30), normalized(rng, 40)])
+    d0 /= np.linalg.norm(d0, axis=1, keepdims=True)
+    matches, scores = mutual_nearest_neighbors(torch.from_numpy(d0), torch.from_numpy(d1), 0.8,
+                                               max_block_elements=block)
+    expected = reference_mnn(d0, d1, 0.8)
+    np.testing.assert_array_equal(matches.numpy(), expected)
+    assert (matches[:30].numpy() == np.arange(30)).all()  # the perturbed copies find their originals
+    assert ((scores.numpy() > 0) == (expected >= 0)).all()
+
+
+def test_matcher_backend_shapes_and_empty_inputs():
+    rng = np.random.default_rng(1)
+    feats = {"keypoints": rng.uniform(size=(20, 2)).astype(np.float32), "descriptors": normalized(rng, 20).T.copy()}
+    matcher = MutualNearestNeighbor({"ratio_threshold": None})
+    result = matcher.match(feats, feats)
+    np.testing.assert_array_equal(result["matches0"], np.arange(20))
+    assert result["matches0"].dtype == np.int32
+    empty = {"keypoints": np.zeros((0, 2), np.float32), "descriptors": np.zeros((32, 0), np.float32)}
+    assert matcher.match(feats, empty)["matches0"].tolist() == [-1] * 20
+
+
+def test_conf_is_checked_merged_and_frozen():
+    conf = Conf(merge_conf({"a": 1, "nested": {"b": 2, "c": 3}}, {"nested": {"b": 5}}))
+    assert conf.nested.b == 5 and conf.nested.c == 3 and conf.a == 1
+    with pytest.raises(TypeError):
+        conf.a = 2
+    with pytest.raises(ConfigError, match="nested.x"):
+        merge_conf({"nested": {"b": 2}}, {"nested": {"x": 1}})
+
+
+def test_registry_lists_known_names_and_accepts_dotted_paths():
+    with pytest.raises(ConfigError, match="known: .*mnn"):
+        get_backend("matcher", "nope")
+    cls, _ = resolve("matcher", "feature_backends.nearest_neighbor:MutualNearestNeighbor")
+    assert cls is MutualNearestNeighbor
+    with pytest.raises(ConfigError, match="is a matcher backend, not a features backend"):
+        resolve("features", "feature_backends.nearest_neighbor:MutualNearestNeighbor")
