@@ -79,12 +79,18 @@ class RunResult:
             f"  points       {sfm.num_points}",
             f"  track length {sfm.mean_track_length:.2f} (mean)",
             f"  reproj error {sfm.mean_reprojection_error:.3f} px (mean)",
-            "  time         " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
+            "  time         " + ", ".join(self._stage_time(k, v) for k, v in self.timings.items())
             + f" | total {sum(self.timings.values()):.1f}s",
             f"  model        {sfm.sparse_dir}",
         ]
         lines += [f"  {fmt:<12} {path}" for fmt, path in self.exports.items()]
         return "\n".join(lines)
+
+    def _stage_time(self, stage: str, seconds: float) -> str:
+        if stage == "sfm" and self.sfm.timings:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in self.sfm.timings.items())
+            return f"sfm {seconds:.1f}s ({parts})"
+        return f"{stage} {seconds:.1f}s"
 
 
 def plan_pairs(image_dir: Path, out_dir: Path, names: list[str], config: RunConfig,
@@ -114,7 +120,9 @@ def run(image_dir: str | Path, out_dir: str | Path, config: RunConfig | None = N
     names = list_images(image_dir, config.image_list)
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    dense = config.matcher in registry.BACKENDS["dense"]
+    from .dense import is_dense_matcher  # "roma", or anchored "sift+roma"
+
+    dense = is_dense_matcher(config.matcher)
 
     start = time.perf_counter()
     pairs_path, method, num_pairs = plan_pairs(image_dir, out_dir, names, config)

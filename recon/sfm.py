@@ -73,8 +73,12 @@ def _set_options(target, values: dict, where: str) -> None:
         setattr(target, key, value)
 
 
-def _mapper_options(options: SfMOptions, num_images: int) -> pycolmap.IncrementalPipelineOptions:
-    mapper = pycolmap.IncrementalPipelineOptions()
+def _mapper_options(options: SfMOptions, num_images: int):
+    """pycolmap's pipeline options for the chosen mapper, with user overrides checked field by field."""
+    if options.mapper == "incremental":
+        mapper = pycolmap.IncrementalPipelineOptions()
+    else:
+        mapper = pycolmap.GlobalPipelineOptions()
     mapper.num_threads = options.num_threads
     mapper.random_seed = options.random_seed
     # Small collections (tests, previews) are valid models too; COLMAP's default minimum is 10 images.
@@ -166,7 +170,7 @@ def _reconstruct(sfm_dir, image_dir, pairs_path, features_path, matches_path, op
             next_image_callback=lambda: progress.update(1),
         )
     else:
-        models = pycolmap.global_mapping(database, image_dir, staging)
+        models = pycolmap.global_mapping(database, image_dir, staging, mapper)
     progress.close()
     timings["map"] = time.perf_counter() - start
     if not models:
