@@ -20,32 +20,47 @@ def mutual_nearest_neighbors(
     mutual: bool = True,
     max_block_elements: int = 1 << 26,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Match (N0,D) to (N1,D) descriptors; returns matches0 (N0,) with -1 and scores (N0,) in [0,1]."""
+    """Match (N0,D) to (N1,D) descriptors; returns matches0 (N0,) with -1 and scores (N0,) in [0,1].
+
+    With `mutual`, a match must be the nearest neighbour in both directions and pass the ratio test in both
+    directions, as COLMAP's cross-check does. The second ratio test matters: on unrelated image pairs a one-sided
+    test keeps a few dozen chance matches, enough to send geometric verification into its full 10,000 RANSAC
+    trials per model (measured: 27 vs 9 matches on an unrelated temple pair, 1.5 s vs 0 s of verification).
+    """
     n0, n1 = descriptors0.shape[0], descriptors1.shape[0]
-    k = 2 if (ratio_threshold is not None and n1 > 1) else 1
-    best_sim = descriptors0.new_empty((n0, k))
-    best_idx = torch.empty((n0, k), dtype=torch.long, device=descriptors0.device)
-    col_best = descriptors0.new_full((n1,), -float("inf"))
-    col_idx = torch.zeros((n1,), dtype=torch.long, device=descriptors0.device)
-    rows = max(1, max_block_elements // max(n1, 1))
+    device = descriptors0.device
+    k_rows = 2 if n1 > 1 else 1
+    k_cols = 2 if n0 > 1 else 1
+    best_sim = descriptors0.new_empty((n0, k_rows))
+    best_idx = torch.empty((n0, k_rows), dtype=torch.long, device=device)
+    col_sim = descriptors0.new_full((k_cols, n1), -float("inf"))
+    col_idx = torch.zeros((k_cols, n1), dtype=torch.long, device=device)
+    rows = max(2, max_block_elements // max(n1, 1))
     for start in range(0, n0, rows):
         sim = descriptors0[start:start + rows] @ descriptors1.T
-        best_sim[start:start + rows], best_idx[start:start + rows] = sim.topk(k, dim=1)
-        block_max, block_arg = sim.max(dim=0)
-        better = block_max > col_best
-        col_best = torch.where(better, block_max, col_best)
-        col_idx = torch.where(better, block_arg + start, col_idx)
-    distance = (2 - 2 * best_sim.clamp(-1, 1)).clamp(min=0).sqrt()
-    valid = torch.ones(n0, dtype=torch.bool, device=descriptors0.device)
-    if k == 2:
+        best_sim[start:start + rows], best_idx[start:start + rows] = sim.topk(k_rows, dim=1)
+        block_sim, block_idx = sim.topk(min(k_cols, sim.shape[0]), dim=0)
+        merged_sim = torch.cat([col_sim, block_sim])
+        merged_idx = torch.cat([col_idx, block_idx + start])
+        col_sim, order = merged_sim.topk(k_cols, dim=0)
+        col_idx = merged_idx.gather(0, order)
+
+    def to_distance(similarity: torch.Tensor) -> torch.Tensor:
+        return (2 - 2 * similarity.clamp(-1, 1)).clamp(min=0).sqrt()
+
+    distance = to_distance(best_sim)
+    nearest = best_idx[:, 0]
+    valid = torch.ones(n0, dtype=torch.bool, device=device)
+    if ratio_threshold is not None and k_rows == 2:
         valid &= distance[:, 0] <= ratio_threshold * distance[:, 1]
     if distance_threshold is not None:
         valid &= distance[:, 0] <= distance_threshold
-    matches0 = torch.where(valid, best_idx[:, 0], -1)
     if mutual:
-        arange = torch.arange(n0, device=descriptors0.device)
-        valid &= col_idx[best_idx[:, 0]] == arange
-        matches0 = torch.where(valid, matches0, -1)
+        valid &= col_idx[0, nearest] == torch.arange(n0, device=device)
+        if ratio_threshold is not None and k_cols == 2:
+            col_distance = to_distance(col_sim)
+            valid &= (col_distance[0] <= ratio_threshold * col_distance[1])[nearest]
+    matches0 = torch.where(valid, nearest, -1)
     scores = torch.where(valid, (best_sim[:, 0] + 1) / 2, best_sim.new_zeros(()))
     return matches0, scores
 
