@@ -1,0 +1,265 @@
+"""Throughput and peak memory of recon's learned sparse backends against the reference implementation (kornia).
+
+    python scripts/bench_features.py [--images DIR] [--num-images 3] [--markdown] [--weights-dir DIR]
+
+Per backend, on CPU at the backend's default resolution: extraction images/s, matching pairs/s and peak resident
+memory, for recon's backend and for the reference called directly in the same run, with the ratio ours/reference.
+Every measurement runs in a fresh subprocess, so peak memory is that process's `ru_maxrss` (tracemalloc does not
+see torch's allocations) and no measurement inherits another's caches. Both sides get the same image, resized the
+same way, and the same weights; the reference timing includes the same resize and tensor conversion.
+
+Without `--weights-dir` the networks get random weights of the official shapes (this machine has no pretrained
+files): speed and memory do not depend on the weight values, only on the keypoint counts, which random detectors
+still fill to `max_keypoints`. DaD and the dual-softmax matcher have no installable reference (DaD is not on PyPI,
+DeDoDe's matcher ships only in its git repository), so their reference columns are empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+EXTRACTORS = ("dedode", "dad", "disk", "aliked")
+# (matcher, features it runs on, matcher conf, features conf)
+MATCHERS = (
+    ("mnn", "disk", {}, {}),
+    ("dual-softmax", "dedode", {}, {}),
+    ("lightglue", "disk", {"features": "disk"}, {}),
+)
+
+
+def make_random_weights(folder: Path) -> None:
+    import torch
+    from kornia.feature import ALIKED, DISK
+    from kornia.feature import LightGlue as KorniaLightGlue
+    from kornia.feature.dedode.dedode_models import dedode_descriptor_B, dedode_detector_L
+
+    from feature_backends.dad import dad_detector
+
+    torch.manual_seed(0)
+    files = {
+        "dedode_detector_L_v2.pth": lambda: dedode_detector_L().state_dict(),
+        "dedode_descriptor_B.pth": lambda: dedode_descriptor_B().state_dict(),
+        "dad.pth": lambda: dad_detector().state_dict(),
+        "depth-save.pth": lambda: {"extractor": DISK().state_dict()},
+        "aliked-n16.pth": lambda: ALIKED("aliked-n16").state_dict(),
+        "disk_lightglue.pth": lambda: KorniaLightGlue(features=None, input_dim=128).state_dict(),
+    }
+    for name, build in files.items():
+        if not (folder / name).exists():
+            torch.save(build(), folder / name)
+
+
+def list_images(folder: Path, count: int) -> list[Path]:
+    from feature_backends.images import list_images as names
+
+    return [folder / name for name in names(folder)[:count]]
+
+
+# --- measurements, each run in its own process ------------------------------------------------------------------
+
+def _ours_extract(name: str, conf: dict):
+    from feature_backends.registry import get_backend
+
+    model = get_backend("features", name, conf, device="cpu")
+    return model.extract, model.conf
+
+
+def _reference_extract(name: str, conf: dict):
+    """kornia called directly, with the same resize; returns (callable(image), conf)."""
+    import torch
+    from kornia.feature import ALIKED, DISK, DeDoDe
+
+    from feature_backends.images import resize_image
+    from feature_backends.registry import resolve
+
+    cls, _ = resolve("features", name)
+    defaults = cls.full_default_conf()
+    weights = Path(os.environ["RECON_WEIGHTS_DIR"])
+    resize, max_keypoints, multiple = defaults["resize_max"], defaults["max_keypoints"], cls.size_multiple
+    if name == "dedode":
+        model = DeDoDe("L", "B", amp_dtype=torch.float32)
+        model.detector.load_state_dict(torch.load(weights / "dedode_detector_L_v2.pth"))
+        model.descriptor.load_state_dict(torch.load(weights / "dedode_descriptor_B.pth"))
+        run = lambda x: model(x, n=max_keypoints)  # noqa: E731
+    elif name == "disk":
+        model = DISK()
+        model.load_state_dict(torch.load(weights / "depth-save.pth")["extractor"])
+        run = lambda x: model(x, n=max_keypoints, pad_if_not_divisible=True)  # noqa: E731
+    elif name == "aliked":
+        model = ALIKED("aliked-n16", max_num_keypoints=max_keypoints, detection_threshold=0.2)
+        model.load_state_dict(torch.load(weights / "aliked-n16.pth"))
+        run = model
+    else:
+        return None, None
+    model.eval()
+
+    def extract(image):
+        resized, _ = resize_image(image, resize, False, multiple)
+        with torch.inference_mode():
+            return run(torch.from_numpy(resized.transpose(2, 0, 1).copy())[None])
+
+    return extract, defaults
+
+
+def measure_extraction(side: str, name: str, images: list[str], warmup: int) -> dict:
+    from feature_backends.images import read_image
+
+    extract, conf = (_ours_extract if side == "ours" else _reference_extract)(name, {})
+    if extract is None:
+        return {}
+    decoded = [read_image(path) for path in images]
+    for image in decoded[:warmup]:
+        extract(image)
+    start = time.perf_counter()
+    for image in decoded:
+        extract(image)
+    seconds = time.perf_counter() - start
+    return {"rate": len(decoded) / seconds, "resize_max": conf["resize_max"], "max_keypoints": conf["max_keypoints"]}
+
+
+def measure_matching(side: str, matcher: str, features: str, matcher_conf: dict, images: list[str],
+                     warmup: int) -> dict:
+    import itertools
+
+    import numpy as np
+    import torch
+
+    from feature_backends.images import read_image
+    from feature_backends.registry import get_backend
+
+    extractor = get_backend("features", features, {"normalize_descriptors": False} if features == "dedode" else {},
+                            device="cpu")
+    feats = [extractor.extract(read_image(path)) for path in images]
+    pairs = list(itertools.combinations(range(len(feats)), 2))
+    if side == "ours":
+        model = get_backend("matcher", matcher, matcher_conf, device="cpu")
+        run = lambda a, b: model.match(a, b)  # noqa: E731
+    elif matcher == "lightglue":
+        from kornia.feature import LightGlue
+
+        model = LightGlue(features=None, input_dim=128)
+        model.load_state_dict(torch.load(Path(os.environ["RECON_WEIGHTS_DIR"]) / f"{features}_lightglue.pth"),
+                              strict=False)
+        model.eval()
+
+        def run(a, b):
+            data = {f"image{i}": {"keypoints": torch.from_numpy(f["keypoints"])[None],
+                                  "descriptors": torch.from_numpy(np.ascontiguousarray(f["descriptors"].T))[None],
+                                  "image_size": torch.from_numpy(f["image_size"]).float()[None]}
+                    for i, f in enumerate((a, b))}
+            with torch.inference_mode():
+                return model(data)
+    elif matcher == "mnn":
+        from kornia.feature import match_smnn
+
+        def run(a, b):
+            with torch.inference_mode():
+                return match_smnn(torch.from_numpy(a["descriptors"].T), torch.from_numpy(b["descriptors"].T), 0.8)
+    else:
+        return {}
+    for i, j in pairs[:warmup]:
+        run(feats[i], feats[j])
+    start = time.perf_counter()
+    for i, j in pairs:
+        run(feats[i], feats[j])
+    return {"rate": len(pairs) / (time.perf_counter() - start)}
+
+
+def child(spec: dict) -> None:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    if spec["task"] == "extract":
+        result = measure_extraction(spec["side"], spec["name"], spec["images"], spec["warmup"])
+    else:
+        result = measure_matching(spec["side"], spec["name"], spec["features"], spec["matcher_conf"],
+                                  spec["images"], spec["warmup"])
+    if result:
+        result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def run_child(spec: dict, env: dict) -> dict:
+    process = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
+                             text=True, check=False)
+    for line in process.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"measurement {spec['task']} {spec['side']} {spec['name']} failed:\n{process.stderr[-2000:]}")
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "fountain_p11" / "images")
+    parser.add_argument("--num-images", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weights-dir", type=Path, help="folder with the real weight files (default: random)")
+    parser.add_argument("--only", nargs="*", help="backends to run (default: all)")
+    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+
+    images = [str(p) for p in list_images(args.images, args.num_images)]
+    weights_dir = args.weights_dir or Path(tempfile.mkdtemp(prefix="recon-bench-weights-"))
+    if not args.weights_dir:
+        make_random_weights(weights_dir)
+    env = {**os.environ, "RECON_WEIGHTS_DIR": str(weights_dir), "RECON_OFFLINE": "1",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    rows = []
+    common = {"images": images, "warmup": args.warmup, "threads": args.threads}
+    for name in EXTRACTORS:
+        if args.only and name not in args.only:
+            continue
+        ours = run_child({**common, "task": "extract", "side": "ours", "name": name}, env)
+        ref = run_child({**common, "task": "extract", "side": "reference", "name": name}, env)
+        rows.append((f"{name} (extract)", f"{ours['resize_max']} px, {ours['max_keypoints']} kp", "img/s", ours, ref))
+    for matcher, features, matcher_conf, _ in MATCHERS:
+        if args.only and matcher not in args.only:
+            continue
+        spec = {**common, "task": "match", "name": matcher, "features": features, "matcher_conf": matcher_conf}
+        ours = run_child({**spec, "side": "ours"}, env)
+        ref = run_child({**spec, "side": "reference"}, env)
+        rows.append((f"{matcher} (match)", f"on {features}", "pairs/s", ours, ref))
+
+    header = ["backend", "setting", "unit", "ours", "reference", "ratio", "ours MB", "ref MB", "mem ratio"]
+    lines = []
+    for label, setting, unit, ours, ref in rows:
+        rate_ratio = ours["rate"] / ref["rate"] if ref else None
+        mem_ratio = ours["peak_mb"] / ref["peak_mb"] if ref else None
+        lines.append([label, setting, unit, fmt(ours["rate"], 3), fmt(ref.get("rate"), 3), fmt(rate_ratio),
+                      fmt(ours["peak_mb"], 0), fmt(ref.get("peak_mb"), 0), fmt(mem_ratio)])
+    print(f"CPU, {args.threads} threads, {len(images)} images from {args.images}, "
+          f"{'weights from ' + str(args.weights_dir) if args.weights_dir else 'random weights'}")
+    if args.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for line in lines:
+            print("| " + " | ".join(line) + " |")
+    else:
+        widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
+        for line in [header, *lines]:
+            print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
