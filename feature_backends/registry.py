@@ -30,7 +30,14 @@ BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
         "dual-softmax": "feature_backends.dual_softmax:DualSoftmax",
         "lightglue": "feature_backends.lightglue:LightGlue",
     },
-    "dense": {},
+    "dense": {
+        "roma": "feature_backends.roma:RoMa",
+        "roma-indoor": ("feature_backends.roma:RoMa", {"variant": "indoor"}),
+        "tiny-roma": "feature_backends.roma:TinyRoMa",
+        "minima-roma": ("feature_backends.roma:RoMa", {"variant": "minima"}),
+        "gim-roma": "feature_backends.gim:GIMRoMa",
+        "gim-dkm": "feature_backends.gim:GIMDKM",
+    },
     "global": {
         "vlad": "pairs.vlad:VLAD",
         "netvlad": "pairs.netvlad:NetVLAD",

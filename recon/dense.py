@@ -1,0 +1,405 @@
+"""The dense matchers' stage: dense warps → per-image keypoints shared across pairs → hloc features.h5 + matches.h5.
+
+SfM needs each 3D point observed at *one* keypoint per image, but a dense matcher answers per pair: the same
+surface point gets a slightly different pixel in every pair, and tracks break. Two published remedies:
+
+1. **Quantised** (`--matcher roma`; hloc's match_dense, used there for LoFTR): per pair, sample matches; snap
+   each to a grid of `cell_size` px; every occupied cell of an image becomes one keypoint, shared by all pairs of
+   that image. The keypoint sits at the `max_error`-px sub-bin with the largest accumulated certainty (the
+   certainty-weighted mean of the samples in that sub-bin); its score is the cell's total certainty. Within a
+   pair, many-to-one conflicts keep only the match that wins on both sides (summed certainty).
+   Streaming and resume: pass 1 runs the network pair by pair and stores only the sampled matches
+   (`keypoints0/keypoints1/scores` in the pair's group, as hloc does), never a warp, so memory does not grow
+   with the number of pairs and a killed run restarts at the first unmatched pair. Pass 2 reads them back pair
+   by pair to accumulate the sub-bins of each image (bounded by the image area / max_error²); pass 3 writes
+   features.h5 and each pair's `matches0`. Keypoint ids are cells in raster order, so they do not depend on
+   the order pairs were matched in, and a resumed run equals an uninterrupted one.
+2. **Anchored** (`--matcher sift+roma`, `dad+roma`, ...; image-matching-webui's DaD(RoMa)): keypoints are
+   detected once per image by any sparse backend of the registry and written to features.h5 by the normal
+   extraction stage; per pair, image 0's keypoints are mapped through the dense warp, and a match is the
+   nearest keypoint of image 1 within `radius` px that maps back (backward warp of a symmetric matcher: cycle
+   consistency) or is mutually nearest (one-directional matchers, as romatch's match_keypoints) and whose
+   certainty exceeds the backend's `min_certainty`. Tracks are consistent by construction: a keypoint is
+   the same object in every pair. Memory holds one warp at a time.
+
+Why our own code: hloc's match_dense needs hloc and a LoFTR-style matcher interface; romatch's match_keypoints
+is a dense (N0 x N1) `cdist` (1.6 GB for two 20k-keypoint images) with the radius in normalised units (so pixels
+differ between axes and images); here the search is scipy's cKDTree in pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.spatial import cKDTree
+from tqdm import tqdm
+
+from feature_backends import registry
+from feature_backends.errors import ConfigError, ImageReadError
+from feature_backends.images import image_size, read_image
+from feature_backends.store import FeatureReader, FeatureWriter, MatchReader, MatchWriter, read_stored_conf
+from pairs.io import read_pairs
+
+from .stages import extract, split_conf
+
+logger = logging.getLogger(__name__)
+
+ANCHOR_SEPARATOR = "+"
+QUANTISED_DEFAULTS: dict[str, Any] = {
+    "cell_size": 4,  # px: samples of different pairs in one cell become one keypoint
+    "max_error": 2,  # px: sub-bin size that fixes the keypoint position inside its cell
+    "max_keypoints": 16384,  # per image, highest total certainty first (None: all cells)
+}
+ANCHORED_DEFAULTS: dict[str, Any] = {
+    "radius": 3.0,  # px in image 1: how far a warped keypoint may land from its match
+    "cycle": True,  # with a symmetric warp, require the match to map back to the same keypoint
+}
+
+
+def parse_matcher_name(name: str) -> tuple[str | None, str]:
+    """'sift+roma' → ('sift', 'roma'); 'roma' → (None, 'roma')."""
+    anchor, separator, dense = name.rpartition(ANCHOR_SEPARATOR)
+    if not separator:
+        return None, name
+    if not anchor or not dense:
+        raise ConfigError(f"'{name}': an anchored dense matcher is written FEATURES+DENSE, e.g. sift+roma")
+    return anchor, dense
+
+
+def is_dense_matcher(name: str) -> bool:
+    """Whether `recon run --matcher NAME` selects this stage (a dense backend, optionally with anchors)."""
+    _, dense = parse_matcher_name(name)
+    if dense in registry.BACKENDS["dense"]:
+        return True
+    if ":" in dense:  # an external "package.module:Class"
+        try:
+            registry.resolve("dense", dense)
+        except ConfigError:
+            return False
+        return True
+    return False
+
+
+def _split_stage_conf(conf: dict[str, Any], defaults: Mapping[str, Any], other: Mapping[str, Any],
+                      mode: str) -> dict[str, Any]:
+    stage = dict(defaults)
+    for key in list(conf):
+        if key in defaults:
+            stage[key] = conf.pop(key)
+        elif key in other:
+            raise ConfigError(f"'{key}' is a setting of the other dense keypoint mode, not of the {mode} mode")
+    return stage
+
+
+class _ImageCache:
+    """The last few decoded images (consecutive pairs usually share one)."""
+
+    def __init__(self, image_dir: Path, size: int = 4):
+        self.image_dir, self.size = image_dir, size
+        self.items: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.items:
+            self.items.move_to_end(name)
+            return self.items[name]
+        image = read_image(self.image_dir / name)
+        self.items[name] = image
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return image
+
+
+def match_dense(
+    conf: Mapping[str, Any] | str,
+    pairs_path: str | Path,
+    image_dir: str | Path,
+    features_path: str | Path,
+    matches_path: str | Path,
+    features: str = "sift",
+    feature_conf: Mapping[str, Any] | None = None,
+    device: Any = None,
+) -> tuple[Path, Path]:
+    """Match every pair of `pairs_path` with a dense matcher; write keypoints and matches in hloc's layout.
+
+    `conf` = {"name": "roma" | "sift+roma" | ..., **backend conf, **stage conf}. Stage keys: quantised mode
+    cell_size, max_error, max_keypoints; anchored mode radius, cycle. In anchored mode `feature_conf`
+    configures the anchor detector and is only accepted when `features` names that same detector.
+    """
+    name, backend_conf = split_conf(conf)
+    anchor, dense_name = parse_matcher_name(name)
+    image_dir = Path(image_dir)
+    pairs = read_pairs(pairs_path)
+    if anchor is None:
+        stage = _split_stage_conf(backend_conf, QUANTISED_DEFAULTS, ANCHORED_DEFAULTS, "quantised")
+        model = registry.get_backend("dense", dense_name, backend_conf, device=device)
+        match_quantised(model, dense_name, pairs, image_dir, features_path, matches_path, **stage)
+    else:
+        stage = _split_stage_conf(backend_conf, ANCHORED_DEFAULTS, QUANTISED_DEFAULTS, "anchored")
+        if feature_conf and features != anchor:
+            raise ConfigError(
+                f"the feature configuration given is for '{features}', but '{name}' anchors on '{anchor}'; "
+                f"pass --features {anchor} with it, or drop it"
+            )
+        anchor_conf = dict(feature_conf or {}) if features == anchor else {}
+        names = sorted({n for pair in pairs for n in pair})
+        extract({"name": anchor, **anchor_conf}, image_dir, features_path, names, device=device)
+        model = registry.get_backend("dense", dense_name, backend_conf, device=device)
+        match_anchored(model, dense_name, pairs, image_dir, features_path, matches_path, **stage)
+    return Path(features_path), Path(matches_path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Anchored mode
+
+
+def anchor_matches(warp, keypoints0: np.ndarray, keypoints1: np.ndarray, radius: float, min_certainty: float,
+                   cycle: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """matches0 (N0,) (-1 = none) and scores (N0,) from a dense warp between two keypoint sets."""
+    n0 = len(keypoints0)
+    matches0, scores0 = np.full(n0, -1, np.int32), np.zeros(n0, np.float32)
+    if n0 == 0 or len(keypoints1) == 0:
+        return matches0, scores0
+    projected0, certainty0 = warp.transfer(keypoints0)
+    distance, nearest1 = cKDTree(keypoints1).query(projected0, distance_upper_bound=radius)
+    valid0 = np.isfinite(distance) & (certainty0 > min_certainty)
+    index0 = np.arange(n0)
+    if cycle and warp.symmetric:
+        projected1, certainty1 = warp.transfer_back(keypoints1)
+        distance1, nearest0 = cKDTree(keypoints0).query(projected1, distance_upper_bound=radius)
+        valid1 = np.isfinite(distance1) & (certainty1 > min_certainty)
+        candidate = index0[valid0]
+        back = nearest1[candidate]
+        keep = valid1[back] & (nearest0[back] == candidate)
+        chosen, partner = candidate[keep], back[keep]
+        scores = np.minimum(certainty0[chosen], certainty1[partner])
+    else:
+        # One direction only: keypoint 1 accepts the nearest of the warped keypoints 0 (mutual nearest).
+        candidate = index0[valid0]
+        if len(candidate) == 0:
+            return matches0, scores0
+        _, nearest_warped = cKDTree(projected0[candidate]).query(keypoints1, distance_upper_bound=radius)
+        back = nearest1[candidate]
+        owner = np.full(len(keypoints1) + 1, -1)
+        found = nearest_warped < len(candidate)
+        owner[:-1][found] = candidate[nearest_warped[found]]
+        keep = owner[back] == candidate
+        chosen, partner = candidate[keep], back[keep]
+        scores = certainty0[chosen]
+    matches0[chosen] = partner
+    scores0[chosen] = scores
+    return matches0, scores0
+
+
+def match_anchored(model, name: str, pairs: Sequence[tuple[str, str]], image_dir: Path, features_path, matches_path,
+                   radius: float, cycle: bool) -> Path:
+    if not hasattr(model, "warp_images"):
+        raise ConfigError(f"dense backend '{name}' does not expose its warp, so it cannot match anchored keypoints")
+    min_certainty = float(model.conf.get("min_certainty", 0.0))
+    record = {"backend": name, "conf": model.conf.to_dict(), "mode": "anchored",
+              "anchors": read_stored_conf(features_path), "radius": radius, "cycle": cycle}
+    images = _ImageCache(image_dir)
+    with FeatureReader(features_path) as features, MatchWriter(matches_path, conf=record) as writer:
+        todo = [pair for pair in pairs if not writer.has(*pair)]
+        if len(todo) < len(pairs):
+            logger.info("Resuming: %d of %d pairs already in %s", len(pairs) - len(todo), len(pairs), matches_path)
+        skipped = []
+        for name0, name1 in tqdm(todo, desc=f"match {name} (anchored)", unit="pair"):
+            if name0 not in features or name1 not in features:
+                skipped.append((name0, name1))  # an image the extraction stage could not read
+                continue
+            try:
+                warp = model.warp_images(images[name0], images[name1])
+            except ImageReadError as error:
+                logger.warning("Skipping pair (%s, %s): %s", name0, name1, error)
+                skipped.append((name0, name1))
+                continue
+            matches0, scores0 = anchor_matches(warp, features.read_keypoints(name0), features.read_keypoints(name1),
+                                               radius, min_certainty, cycle)
+            del warp
+            writer.write(name0, name1, {"matches0": matches0, "matching_scores0": scores0})
+    if skipped:
+        logger.warning("%d pairs with unreadable images were skipped", len(skipped))
+    return Path(matches_path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Quantised mode
+
+
+@dataclass
+class _SubBins:
+    """Accumulated certainty per sub-bin of one image (sparse, merged lazily)."""
+
+    keys: list[np.ndarray] = field(default_factory=list)
+    weights: list[np.ndarray] = field(default_factory=list)  # columns: certainty, certainty*x, certainty*y
+    pending: int = 0
+    reduced: int = 0
+
+    def add(self, keys: np.ndarray, points: np.ndarray, scores: np.ndarray) -> None:
+        scores = scores.astype(np.float64)
+        self.keys.append(keys)
+        self.weights.append(np.stack([scores, scores * points[:, 0], scores * points[:, 1]], axis=1))
+        self.pending += len(keys)
+        if self.pending > max(4096, 2 * self.reduced):
+            self.reduce()
+
+    def reduce(self) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.keys) != 1 or self.pending:
+            keys = np.concatenate(self.keys) if self.keys else np.zeros(0, np.int64)
+            weights = np.concatenate(self.weights) if self.weights else np.zeros((0, 3))
+            unique, inverse = np.unique(keys, return_inverse=True)
+            summed = np.zeros((len(unique), 3))
+            np.add.at(summed, inverse, weights)
+            self.keys, self.weights, self.reduced, self.pending = [unique], [summed], len(unique), 0
+        return self.keys[0], self.weights[0]
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Cell and sub-bin indices of pixels of one image (hloc convention, so pixel i covers [i-0.5, i+0.5))."""
+
+    width: int
+    height: int
+    cell_size: int
+    max_error: int
+
+    @property
+    def bins_x(self) -> int:
+        return self.width // self.max_error + 2
+
+    @property
+    def cells_x(self) -> int:
+        return self.width // self.cell_size + 2
+
+    def sub_bins(self, points: np.ndarray) -> np.ndarray:
+        index = np.floor((points.astype(np.float64) + 0.5) / self.max_error).astype(np.int64).clip(min=0)
+        return index[:, 1] * self.bins_x + index[:, 0]
+
+    def cells_of_bins(self, keys: np.ndarray) -> np.ndarray:
+        ratio = self.cell_size // self.max_error
+        by, bx = np.divmod(keys, self.bins_x)
+        return (by // ratio) * self.cells_x + bx // ratio
+
+    def cells(self, points: np.ndarray) -> np.ndarray:
+        return self.cells_of_bins(self.sub_bins(points))
+
+
+def _finalise_keypoints(bins: _SubBins, grid: _Grid, max_keypoints: int | None):
+    """Cells → keypoints: (cell keys sorted, positions (N,2), scores (N,))."""
+    keys, weights = bins.reduce()
+    if len(keys) == 0:
+        return np.zeros(0, np.int64), np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
+    cells = grid.cells_of_bins(keys)
+    order = np.lexsort((-weights[:, 0], cells))  # by cell, heaviest sub-bin first
+    cells, keys_sorted, weights = cells[order], keys[order], weights[order]
+    first = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
+    cell_keys = cells[first]
+    best = weights[first]
+    positions = (best[:, 1:] / np.maximum(best[:, :1], 1e-12)).astype(np.float32)
+    cell_scores = np.add.reduceat(weights[:, 0], first).astype(np.float32)
+    if max_keypoints is not None and len(cell_keys) > max_keypoints:
+        keep = np.sort(np.argsort(-cell_scores, kind="stable")[:max_keypoints])
+        cell_keys, positions, cell_scores = cell_keys[keep], positions[keep], cell_scores[keep]
+    return cell_keys, positions, cell_scores
+
+
+def _pair_matches(ids0: np.ndarray, ids1: np.ndarray, scores: np.ndarray, n0: int):
+    """Samples snapped to keypoint ids → one-to-one matches0 / matching_scores0 (winner on both sides)."""
+    matches0, scores0 = np.full(n0, -1, np.int32), np.zeros(n0, np.float32)
+    valid = (ids0 >= 0) & (ids1 >= 0)
+    if not valid.any():
+        return matches0, scores0
+    ids0, ids1, scores = ids0[valid], ids1[valid], scores[valid].astype(np.float64)
+    pair_keys, inverse = np.unique(ids0.astype(np.int64) * (ids1.max() + 1) + ids1, return_inverse=True)
+    votes = np.bincount(inverse, weights=scores)
+    best_score = np.zeros(len(pair_keys))
+    np.maximum.at(best_score, inverse, scores)
+    id0, id1 = np.divmod(pair_keys, ids1.max() + 1)
+    # Keep a candidate only if no other candidate of the same id0 or id1 has more votes (ties: lower index).
+    order = np.lexsort((id1, id0, -votes))
+    _, first0 = np.unique(id0[order], return_index=True)
+    _, first1 = np.unique(id1[order], return_index=True)
+    winner0 = np.zeros(len(order), bool)
+    winner1 = np.zeros(len(order), bool)
+    winner0[order[first0]] = True
+    winner1[order[first1]] = True
+    keep = winner0 & winner1
+    matches0[id0[keep]] = id1[keep]
+    scores0[id0[keep]] = best_score[keep]
+    return matches0, scores0
+
+
+def _lookup_ids(cell_keys: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Index of each cell in the sorted `cell_keys`, or -1 (a cell dropped by max_keypoints)."""
+    if len(cell_keys) == 0:
+        return np.full(len(cells), -1, np.int64)
+    position = np.minimum(np.searchsorted(cell_keys, cells), len(cell_keys) - 1)
+    return np.where(cell_keys[position] == cells, position, -1)
+
+
+def match_quantised(model, name: str, pairs: Sequence[tuple[str, str]], image_dir: Path, features_path,
+                    matches_path, cell_size: int, max_error: int, max_keypoints: int | None) -> Path:
+    cell_size, max_error = int(cell_size), int(max_error)
+    if max_error < 1 or cell_size < max_error or cell_size % max_error:
+        raise ConfigError(f"cell_size ({cell_size}) must be a multiple of max_error ({max_error}) >= 1")
+    record = {"backend": name, "conf": model.conf.to_dict(), "mode": "quantised"}
+    images = _ImageCache(image_dir)
+    failed: set[tuple[str, str]] = set()
+    # Pass 1: the network, pair by pair; only sampled matches are kept (on disk).
+    with MatchWriter(matches_path, conf=record) as writer:
+        todo = [pair for pair in pairs if not writer.has(*pair)]
+        if len(todo) < len(pairs):
+            logger.info("Resuming: %d of %d pairs already in %s", len(pairs) - len(todo), len(pairs), matches_path)
+        for name0, name1 in tqdm(todo, desc=f"match {name}", unit="pair"):
+            try:
+                sampled = model.match_images(images[name0], images[name1])
+            except ImageReadError as error:
+                logger.warning("Skipping pair (%s, %s): %s", name0, name1, error)
+                failed.add((name0, name1))
+                continue
+            writer.write(name0, name1, {k: sampled[k] for k in ("keypoints0", "keypoints1", "scores")})
+    pairs = [pair for pair in pairs if pair not in failed]
+    names = sorted({n for pair in pairs for n in pair})
+    grids = {}
+    for image_name in names:
+        width, height = image_size(image_dir / image_name)
+        grids[image_name] = _Grid(width, height, cell_size, max_error)
+
+    # Pass 2: accumulate every image's sub-bins over all its pairs.
+    bins = {image_name: _SubBins() for image_name in names}
+    with MatchReader(matches_path) as reader:
+        for name0, name1 in tqdm(pairs, desc="quantise", unit="pair"):
+            raw, reversed_ = reader.read_raw(name0, name1)
+            points0, points1 = (raw["keypoints1"], raw["keypoints0"]) if reversed_ else (raw["keypoints0"],
+                                                                                        raw["keypoints1"])
+            bins[name0].add(grids[name0].sub_bins(points0), points0, raw["scores"])
+            bins[name1].add(grids[name1].sub_bins(points1), points1, raw["scores"])
+    cell_keys = {}
+    feature_record = {**record, "cell_size": cell_size, "max_error": max_error, "max_keypoints": max_keypoints}
+    with FeatureWriter(features_path, conf=feature_record) as writer:
+        for image_name in names:
+            keys, positions, scores = _finalise_keypoints(bins.pop(image_name), grids[image_name], max_keypoints)
+            cell_keys[image_name] = keys
+            grid = grids[image_name]
+            writer.write(image_name, {"keypoints": positions, "scores": scores,
+                                      "image_size": np.array([grid.width, grid.height], np.int64)})
+
+    # Pass 3: each pair's samples → keypoint ids → one-to-one matches, written where pass 1 stored them.
+    with MatchReader(matches_path) as reader, MatchWriter(matches_path, conf=record) as writer:
+        for name0, name1 in tqdm(pairs, desc="assign", unit="pair"):
+            raw, reversed_ = reader.read_raw(name0, name1)
+            if reversed_:
+                name0, name1 = name1, name0
+            ids0 = _lookup_ids(cell_keys[name0], grids[name0].cells(raw["keypoints0"]))
+            ids1 = _lookup_ids(cell_keys[name1], grids[name1].cells(raw["keypoints1"]))
+            matches0, scores0 = _pair_matches(ids0, ids1, raw["scores"], len(cell_keys[name0]))
+            writer.write(name0, name1, {"keypoints0": raw["keypoints0"], "keypoints1": raw["keypoints1"],
+                                        "scores": raw["scores"], "matches0": matches0,
+                                        "matching_scores0": scores0})
+    return Path(matches_path)
