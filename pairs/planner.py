@@ -139,6 +139,7 @@ def plan(
         raise ConfigError(f"unknown pairs method '{options.method}'; choose one of {', '.join(METHODS)}")
     _check_subset(options.query_list, names, "query")
     _check_subset(options.database_list, names, "database")
+    _warn_unused(options)
     result = _Accumulator()
     details: dict[str, Any] = {"options": asdict(options) | {"query_list": _size(options.query_list),
                                                             "database_list": _size(options.database_list)}}
@@ -203,6 +204,21 @@ def plan(
         logger.warning("Pairs: %d images are in no pair, e.g. %s", stats["images_without_pairs"],
                        stats["images_without_pairs_examples"][:3])
     return pairs_plan
+
+
+def _warn_unused(options: PairOptions) -> None:
+    """Options the chosen method does not use are reported, not silently dropped ("auto" may pick exhaustive)."""
+    retrieval = options.method == "retrieval"
+    loop = options.method == "sequential" and options.loop_closure
+    unused = {
+        "query/database lists": (options.query_list or options.database_list) and not retrieval,
+        "minimum similarity": options.min_similarity is not None and not (retrieval or loop),
+        "per-image cap": options.max_pairs_per_image is not None and not (retrieval or loop),
+        "GPS prior": options.gps_prior and not (retrieval or loop),
+    }
+    for what, ignored in unused.items():
+        if ignored:
+            logger.warning("Pairs: the %s does not apply to method '%s' and is ignored", what, options.method)
 
 
 def _size(listed: Sequence[str] | None) -> int | None:
