@@ -35,7 +35,7 @@ from .exhaustive import exhaustive_pairs
 from .io import write_pairs
 from .retrieval import cap_per_image, extract_global_descriptors, retrieve
 from .sequential import loop_frames, sequential_pairs
-from .spatial import allowed_candidates, read_positions, spatial_neighbours, spatial_pairs
+from .spatial import read_positions, spatial_neighbours, spatial_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +187,11 @@ def plan(
         database = [name for name in database if name in row]
         query_desc = descriptors[[row[name] for name in queries]]
         db_desc = descriptors[[row[name] for name in database]]
-        allowed = allowed_candidates(names, neighbours) if positions else None
-        scored = retrieve(queries, query_desc, database, db_desc, options.num_matched, options.min_similarity, allowed)
+        # A positioned query sees its spatial neighbours and every image without GPS (position unknown).
+        allowed = neighbours if positions else None
+        without_gps = [name for name in names if positions is not None and name not in positions]
+        scored = retrieve(queries, query_desc, database, db_desc, options.num_matched, options.min_similarity,
+                          allowed, without_gps)
         capped = cap_per_image(scored, options.max_pairs_per_image)
         source = "loop_closure" if options.method == "sequential" else "retrieval"
         details[source] = {"queries": len(queries), "candidates": len(scored), "after_dedup_and_cap": len(capped),

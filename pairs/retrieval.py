@@ -100,11 +100,12 @@ def retrieve(
     num_matched: int,
     min_score: float | None = None,
     allowed: Mapping[str, Iterable[str]] | None = None,
+    always_allowed: Iterable[str] = (),
 ) -> list[ScoredPair]:
     """For each query, its `num_matched` most similar database images (never itself), with their scores.
 
-    `allowed[query]`, when present, restricts that query's candidates to those names (e.g. GPS neighbours);
-    queries absent from `allowed` are unrestricted.
+    `allowed[query]`, when present, restricts that query's candidates to those names plus `always_allowed`
+    (e.g. its GPS neighbours plus the images without GPS); queries absent from `allowed` are unrestricted.
     """
     if num_matched < 1:
         raise InputError("--num-matched must be at least 1")
@@ -118,6 +119,8 @@ def retrieve(
     db_index = {name: i for i, name in enumerate(database_names)}
     database = torch.from_numpy(np.ascontiguousarray(database_descriptors, dtype=np.float32))
     k = min(num_matched, len(database_names))
+    base_mask = torch.zeros(len(database_names), dtype=torch.bool)
+    base_mask[[db_index[name] for name in always_allowed if name in db_index]] = True
     results: list[ScoredPair] = []
     for start in range(0, len(query_names), QUERY_BLOCK):
         block_names = query_names[start:start + QUERY_BLOCK]
@@ -127,7 +130,7 @@ def retrieve(
             if name in db_index:
                 similarity[row, db_index[name]] = -torch.inf
             if allowed is not None and name in allowed:
-                keep = torch.zeros(len(database_names), dtype=torch.bool)
+                keep = base_mask.clone()
                 keep[[db_index[other] for other in allowed[name] if other in db_index]] = True
                 similarity[row, ~keep] = -torch.inf
         if min_score is not None:
@@ -179,12 +182,13 @@ def top_k_pairs(
     min_score: float | None = None,
     max_pairs_per_image: int | None = None,
     allowed: Mapping[str, Iterable[str]] | None = None,
+    always_allowed: Iterable[str] = (),
 ) -> list[tuple[str, str]]:
     """Each query with its `num_matched` most similar database images (self excluded), de-duplicated."""
     all_names, _ = read_global_descriptors(descriptors_path)
     queries, query_desc = read_global_descriptors(descriptors_path, query_names or all_names)
     database, db_desc = read_global_descriptors(descriptors_path, database_names or all_names)
-    scored = retrieve(queries, query_desc, database, db_desc, num_matched, min_score, allowed)
+    scored = retrieve(queries, query_desc, database, db_desc, num_matched, min_score, allowed, always_allowed)
     return [(name0, name1) for name0, name1, _ in cap_per_image(scored, max_pairs_per_image)]
 
 

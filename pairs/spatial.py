@@ -125,11 +125,3 @@ def spatial_neighbours(
 
 def spatial_pairs(neighbours: Mapping[str, Sequence[str]]) -> list[tuple[str, str]]:
     return deduplicate((name, other) for name, others in neighbours.items() for other in others)
-
-
-def allowed_candidates(
-    names: Sequence[str], neighbours: Mapping[str, Sequence[str]]
-) -> dict[str, list[str]]:
-    """Retrieval candidates per positioned query: its spatial neighbours plus every image without GPS."""
-    unknown = [name for name in names if name not in neighbours]
-    return {name: list(others) + unknown for name, others in neighbours.items()}

@@ -216,6 +216,13 @@ def test_gps_prior_restricts_retrieval(tmp_path):
     assert all(a[0] == b[0] or "x" in (a[0], b[0]) for a, b in pairs)  # same town, or an image without GPS
     assert any("x" in (a[0], b[0]) for a, b in pairs)  # images without GPS were not excluded
 
+    loops = PairOptions(method="sequential", overlap=1, loop_closure=True, loop_every=1, num_matched=1)
+    free = plan(tmp_path / "images", names, loops, tmp_path / "g.h5", retrieval="angle")
+    assert twins <= {tuple(sorted(p)) for p in free.pairs}
+    loops.gps_prior = True
+    prior = plan(tmp_path / "images", names, loops, tmp_path / "g.h5", retrieval="angle")
+    assert not {tuple(sorted(p)) for p in prior.pairs} & twins  # the prior applies to loop closure as well
+
 
 def test_neighbours_radius_and_minimum():
     positions = {f"p{i}": np.array([d, 0.0, 0.0]) for i, d in enumerate((0, 10, 200, 500))}
