@@ -313,3 +313,4 @@ class GIMDKM(WarpMatcher, _StateDictBackend):
         if not self.conf.symmetric:
             return Warp(flow[0], certainty[0], (0, 0), (0, 0))
         return Warp(flow[0], certainty[0], (0, 0), (0, 0), backward=flow[1], backward_certainty=certainty[1])
+

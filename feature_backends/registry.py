@@ -24,11 +24,13 @@ BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
         "dad": "feature_backends.dad:DaD",
         "disk": "feature_backends.disk:DISK",
         "aliked": "feature_backends.aliked:ALIKED",
+        "gim-superpoint": "feature_backends.gim_lightglue:GIMSuperPoint",
     },
     "matcher": {
         "mnn": "feature_backends.nearest_neighbor:MutualNearestNeighbor",
         "dual-softmax": "feature_backends.dual_softmax:DualSoftmax",
         "lightglue": "feature_backends.lightglue:LightGlue",
+        "gim-lightglue": "feature_backends.gim_lightglue:GIMLightGlue",
     },
     "dense": {
         "roma": "feature_backends.roma:RoMa",
