@@ -51,7 +51,6 @@ from unittest import mock
 import numpy as np
 import pycolmap
 import torch
-import torch.nn.functional as F
 from kornia.metrics import ssim as kornia_ssim
 from PIL import Image
 from scipy.spatial import cKDTree
