@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--export", default="colmap-txt,ply,3dgs,nerfstudio", help="comma-separated export formats")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when present)")
     run.add_argument("--splat", action="store_true", help="train Gaussian splats after SfM (recon splat)")
+    run.add_argument("--splat-iterations", type=int, default=30000)
+    run.add_argument("--splat-strategy", choices=["default", "mcmc"], default="default")
 
     pairs = commands.add_parser("pairs", help="write pairs.txt")
     pairs.add_argument("images", type=Path)
@@ -175,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--gt", type=Path, required=True, help="Middlebury *_par.txt, Strecha *.camera folder or COLMAP model")
     ev.add_argument("--json", type=Path, help="also write the figures as JSON")
 
+    sp = commands.add_parser("splat", help="train Gaussian splats on OUT/undistorted (gsplat; CPU reference path without CUDA)")
+    sp.add_argument("out", type=Path)
+    sp.add_argument("--iterations", type=int, default=30000)
+    sp.add_argument("--eval-every", type=int, default=8, help="hold out every k-th image (0: none)")
+    sp.add_argument("--resolution-scale", type=int, choices=[1, 2, 4, 8], default=None,
+                    help="default: 1 on CUDA, longer side <= 320 px on CPU")
+    sp.add_argument("--strategy", choices=["default", "mcmc"], default="default")
+    sp.add_argument("--resume", action="store_true", help="continue from the latest OUT/splats/checkpoints/step_*.pt")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default=None)
+
     weights = commands.add_parser("weights", help="list or verify weight files")
     weights.add_argument("action", choices=["list", "check"])
 
@@ -197,7 +210,11 @@ def _command_run(args) -> int:
     if args.splat:
         from .splat import SplatConfig, splat
 
-        splat(args.out, SplatConfig(device=args.device))
+        if "3dgs" not in config.exports:
+            raise ReconError("--splat trains on the undistorted export: keep '3dgs' in --export")
+        path = splat(args.out, SplatConfig(iterations=args.splat_iterations, strategy=args.splat_strategy,
+                                           device=args.device))
+        print(f"splats → {path} (point_cloud.ply, metrics.json, renders/)")
     return 0
 
 
@@ -268,6 +285,16 @@ def _command_eval(args) -> int:
     return 0
 
 
+def _command_splat(args) -> int:
+    from .splat import SplatConfig, splat
+
+    path = splat(args.out, SplatConfig(iterations=args.iterations, eval_every=args.eval_every,
+                                       resolution_scale=args.resolution_scale, strategy=args.strategy,
+                                       resume=args.resume, seed=args.seed, device=args.device))
+    print(f"splats → {path} (point_cloud.ply, metrics.json, renders/)")
+    return 0
+
+
 def _command_weights(args) -> int:
     from .weights_cli import check_weights, list_weights
 
@@ -277,6 +304,7 @@ def _command_weights(args) -> int:
 COMMANDS = {
     "run": _command_run, "pairs": _command_pairs, "extract": _command_extract, "match": _command_match,
     "sfm": _command_sfm, "export": _command_export, "eval": _command_eval, "weights": _command_weights,
+    "splat": _command_splat,
 }
 
 
