@@ -76,7 +76,8 @@ def scale_rows(sizes: list[int], num_matched: int, cap: int) -> list[dict]:
             "exhaustive": lambda: exhaustive_pairs(names),
             "sequential (W=10, quadratic)": lambda: sequential_pairs(names, 10, True),
             f"sequential + loop closure (L=10, K={num_matched})": lambda: _dedup(loop_closure()),
-            f"retrieval (K={num_matched})": lambda: cap_per_image(retrieve(names, desc, names, desc, num_matched), None),
+            f"retrieval (K={num_matched})":
+                lambda: cap_per_image(retrieve(names, desc, names, desc, num_matched), None),
             f"retrieval (K={num_matched}, cap {cap}/image)":
                 lambda: cap_per_image(retrieve(names, desc, names, desc, num_matched), cap),
         }
@@ -165,7 +166,9 @@ def table(rows: list[dict], columns: list[str], markdown: bool) -> str:
         if value is None:
             return "-"
         if isinstance(value, float):
-            return f"{value:.4f}" if column == "seconds" and value < 10 else f"{value:.3f}" if value < 100 else f"{value:.0f}"
+            if column == "seconds" and value < 10:
+                return f"{value:.4f}"
+            return f"{value:.3f}" if value < 100 else f"{value:.0f}"
         return str(value)
 
     cells = [[cell(row.get(c), c) for c in columns] for row in rows]

@@ -61,7 +61,8 @@ def write_netvlad_mat(path: Path, num_clusters: int, whiten_dim: int, seed: int 
     normalize = {"type": "normalize", "param": np.array([1024, 1e-12, 1, 0.5]), "weights": _cell()}
     layers += [
         {"name": "preL2", **normalize},
-        {"name": "vlad_core", "type": "custom", "K": float(num_clusters), "weights": _cell(assignment, centres_negated)},
+        {"name": "vlad_core", "type": "custom", "K": float(num_clusters),
+         "weights": _cell(assignment, centres_negated)},
         {"name": "intraL2", **normalize},
         {"name": "postL2", "type": "custom", "weights": _cell()},
         {"name": "WPCA", "type": "conv", "weights": _cell(whiten, whiten_bias), "pad": 0.0, "stride": 1.0},
@@ -234,7 +235,8 @@ def test_cosplace_loads_official_state_dict_strictly(cosplace_resnet18, tmp_path
     assert abs(np.linalg.norm(descriptor) - 1) < 1e-5
     # The same forward written from the paper: ImageNet normalisation, backbone, L2, GeM(p), Linear, L2.
     x = torch.from_numpy(image.transpose(2, 0, 1)[None].copy())
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     with torch.inference_mode():
         features = torch.nn.functional.normalize(model.net.backbone(x), dim=1)
         p = state["aggregation.1.p"]
