@@ -72,3 +72,20 @@ def test_registry_lists_known_names_and_accepts_dotted_paths():
     assert cls is MutualNearestNeighbor
     with pytest.raises(ConfigError, match="is a matcher backend, not a features backend"):
         resolve("features", "feature_backends.nearest_neighbor:MutualNearestNeighbor")
+
+
+def test_sift_keypoints_are_unbiased_in_hloc_convention():
+    """Blobs centred at known pixel coordinates (pixel centres at integers) are found there, at several scales."""
+    from feature_backends.sift import SIFT
+
+    height, width = 400, 400
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    centres = [(100.0, 100.0), (300.0, 110.25), (110.5, 300.0), (290.0, 290.0)]
+    sift = SIFT({"contrast_threshold": 0.005, "edge_threshold": 50.0, "resize_max": None})
+    for sigma in (2.0, 3.0, 6.0):
+        image = sum(np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2)) for cx, cy in centres)
+        image = (image / image.max() * 0.8 + 0.1)[..., None].astype(np.float32)
+        keypoints = sift.extract(image)["keypoints"]
+        for cx, cy in centres:
+            nearest = keypoints[np.argmin(np.hypot(keypoints[:, 0] - cx, keypoints[:, 1] - cy))]
+            assert np.hypot(nearest[0] - cx, nearest[1] - cy) < 0.05, (sigma, (cx, cy), nearest)
