@@ -1,0 +1,535 @@
+"""Dense matchers to SfM keypoints: oracle geometry in both keypoint modes, end-to-end runs with a ground-truth
+matcher, bounded memory over many pairs, and parity of our RoMa / DKMv3 paths with the reference networks."""
+
+from __future__ import annotations
+
+import hashlib
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+import pytest
+import torch
+from PIL import Image
+from scipy.spatial import cKDTree
+
+from feature_backends import registry
+from feature_backends.dense_warp import Warp, WarpMatcher, to_normalized
+from feature_backends.errors import ConfigError
+from feature_backends.store import FeatureReader, MatchReader
+from pairs.io import write_pairs
+from recon.dense import anchor_matches, is_dense_matcher, match_dense, parse_matcher_name
+
+
+def image_key(image: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(image, np.float32).tobytes()).hexdigest()
+
+
+def warp_from_function(mapping, size0, size1, step: int = 1):
+    """A normalised warp grid and certainty from a pixel → (pixel, valid) function, on a grid over image 0 of
+    one cell per `step` x `step` pixels (warps need not be at full resolution)."""
+    width0, height0 = size0
+    columns, rows = width0 // step, height0 // step
+    ys, xs = np.meshgrid((np.arange(rows) + 0.5) * height0 / rows - 0.5, (np.arange(columns) + 0.5) * width0 / columns
+                         - 0.5, indexing="ij")
+    points = np.stack([xs.ravel(), ys.ravel()], axis=1)
+    mapped, valid = mapping(points)
+    inside = valid & (mapped[:, 0] >= -0.5) & (mapped[:, 0] < size1[0] - 0.5) & (mapped[:, 1] >= -0.5) \
+        & (mapped[:, 1] < size1[1] - 0.5)
+    grid = to_normalized(mapped, size1).reshape(rows, columns, 2)
+    return torch.from_numpy(np.clip(grid, -1, 1)), torch.from_numpy(inside.reshape(rows, columns).astype(np.float32))
+
+
+class TranslationOracle(WarpMatcher):
+    """Images are crops of one canvas at known integer offsets: the exact warp is a translation."""
+
+    default_conf = {"offsets": [], "symmetric": True, "num_matches": 400}  # [[image key, x, y], ...]
+
+    def _init(self, conf) -> None:
+        self.offsets = {key: np.array([x, y], np.float64) for key, x, y in conf.offsets}
+
+    def warp_images(self, image0, image1) -> Warp:
+        offset0, offset1 = self.offsets[image_key(image0)], self.offsets[image_key(image1)]
+        size0, size1 = (image0.shape[1], image0.shape[0]), (image1.shape[1], image1.shape[0])
+        forward, certainty = warp_from_function(lambda p: (p + offset0 - offset1, np.ones(len(p), bool)), size0, size1)
+        warp = Warp(forward, certainty, size0, size1)
+        if self.conf.symmetric:
+            warp.backward, warp.backward_certainty = warp_from_function(
+                lambda p: (p + offset1 - offset0, np.ones(len(p), bool)), size1, size0)
+        return warp
+
+
+class SceneOracle(WarpMatcher):
+    """The ground truth of a recon.synthetic scene. pycolmap stamps the same 2D patch at each projected 3D point,
+    so only a point's projection is geometrically exact; pixels within `radius` (the drawn peak, 2 px) are
+    mapped with the point's translation and everything else is uncertain."""
+
+    default_conf = {"scene": "", "radius": 2, "symmetric": True, "num_matches": 2000, "grid_step": 1}
+
+    def _init(self, conf) -> None:
+        from feature_backends.images import read_image
+
+        scene = Path(conf.scene)
+        reconstruction = pycolmap.Reconstruction(scene / "gt")
+        self.projections, self.names = {}, {}
+        for image in reconstruction.images.values():
+            observed = {p.point3D_id: np.asarray(p.xy) - 0.5 for p in image.points2D if p.has_point3D()}
+            self.projections[image.name] = observed
+            self.names[image_key(read_image(scene / "images" / image.name))] = image.name
+
+    def _field(self, name0, name1, size0, size1):
+        points0, points1 = self.projections[name0], self.projections[name1]
+        ids = sorted(points0)
+        tree = cKDTree(np.array([points0[i] for i in ids]))
+        shift = np.array([points1[i] - points0[i] if i in points1 else (np.nan, np.nan) for i in ids])
+
+        def mapping(pixels):
+            # Only pixels near exactly one point: where peaks overlap, the one drawn last is unknown.
+            distance, nearest = tree.query(pixels, k=2, p=np.inf)
+            target = pixels + shift[nearest[:, 0]]
+            valid = (distance[:, 0] <= self.conf.radius) & (distance[:, 1] > self.conf.radius)
+            valid &= np.isfinite(target).all(axis=1)
+            return np.nan_to_num(target, nan=-10.0), valid
+
+        return warp_from_function(mapping, size0, size1, step=self.conf.grid_step)
+
+    def warp_images(self, image0, image1) -> Warp:
+        name0, name1 = self.names[image_key(image0)], self.names[image_key(image1)]
+        size0, size1 = (image0.shape[1], image0.shape[0]), (image1.shape[1], image1.shape[0])
+        warp = Warp(*self._field(name0, name1, size0, size1), size0, size1)
+        if self.conf.symmetric:
+            warp.backward, warp.backward_certainty = self._field(name1, name0, size1, size0)
+        return warp
+
+
+@pytest.fixture
+def oracles(monkeypatch):
+    monkeypatch.setitem(registry.BACKENDS["dense"], "translation-oracle", f"{__name__}:TranslationOracle")
+    monkeypatch.setitem(registry.BACKENDS["dense"], "scene-oracle", f"{__name__}:SceneOracle")
+
+
+@pytest.fixture
+def crops(tmp_path):
+    """Three 120x90 crops of a smooth random canvas at integer offsets, and the oracle's offset table."""
+    rng = np.random.default_rng(0)
+    canvas = rng.random((40, 50, 3)).astype(np.float32)
+    canvas = np.asarray(Image.fromarray((canvas * 255).astype(np.uint8)).resize((200, 160), Image.BICUBIC))
+    offsets = {"a.png": (0, 0), "b.png": (17, 9), "c.png": (31, 22)}
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    table = []
+    from feature_backends.images import read_image
+
+    for name, (x, y) in offsets.items():
+        Image.fromarray(canvas[y:y + 90, x:x + 120]).save(image_dir / name)
+        table.append([image_key(read_image(image_dir / name)), x, y])
+    pairs = write_pairs(tmp_path / "pairs.txt", [("a.png", "b.png"), ("b.png", "c.png"), ("a.png", "c.png")])
+    return image_dir, pairs, offsets, table
+
+
+def read_matches(path, name0, name1):
+    with MatchReader(path) as reader:
+        return reader.read(name0, name1)[0]
+
+
+def test_matcher_names_select_the_dense_stage(oracles):
+    assert parse_matcher_name("sift+roma") == ("sift", "roma")
+    assert parse_matcher_name("roma") == (None, "roma")
+    assert is_dense_matcher("translation-oracle") and is_dense_matcher("dad+translation-oracle")
+    assert not is_dense_matcher("mnn") and not is_dense_matcher("sift+mnn")
+    with pytest.raises(ConfigError, match="FEATURES\\+DENSE"):
+        parse_matcher_name("+roma")
+
+
+def test_quantised_mode_yields_exactly_the_translated_pixels(crops, oracles, tmp_path):
+    image_dir, pairs, offsets, table = crops
+    conf = {"name": "translation-oracle", "offsets": table, "cell_size": 1, "max_error": 1}
+    features, matches = match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    with FeatureReader(features) as reader:
+        keypoints = {name: reader.read_keypoints(name) for name in offsets}
+    with MatchReader(matches) as reader:
+        for name0, name1 in [("a.png", "b.png"), ("b.png", "c.png"), ("a.png", "c.png")]:
+            found, _ = reader.read(name0, name1)
+            raw, _ = reader.read_raw(name0, name1)
+            shift = np.subtract(offsets[name0], offsets[name1])
+            # Every match is exactly the translation, and every sampled pixel pair became one match.
+            # (to float32 precision of the normalised warp: 1e-6 px)
+            np.testing.assert_allclose(keypoints[name1][found[:, 1]], keypoints[name0][found[:, 0]] + shift, atol=1e-4)
+            expected = {tuple(p) for p in np.round(raw["keypoints0"]).astype(int)}
+            assert {tuple(p) for p in np.round(keypoints[name0][found[:, 0]]).astype(int)} == expected
+            assert len(found) == len(expected) > 300
+    # Samples of different pairs on the same pixel share one keypoint: tracks longer than 2 exist.
+    ab, bc = read_matches(matches, "a.png", "b.png"), read_matches(matches, "b.png", "c.png")
+    assert len(np.intersect1d(ab[:, 1], bc[:, 0])) > 10
+
+
+def test_quantised_mode_merges_within_cells(crops, oracles, tmp_path):
+    image_dir, pairs, offsets, table = crops
+    conf = {"name": "translation-oracle", "offsets": table, "cell_size": 4, "max_error": 2}
+    features, matches = match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    with FeatureReader(features) as reader:
+        a, b = reader.read_keypoints("a.png"), reader.read_keypoints("b.png")
+    found = read_matches(matches, "a.png", "b.png")
+    error = np.abs(b[found[:, 1]] - (a[found[:, 0]] + np.subtract(offsets["a.png"], offsets["b.png"])))
+    # A keypoint and a sample of its cell are < 4 px apart per axis, on each side of the match.
+    assert error.max() < 8.0 and np.median(error) <= 1.0
+    assert len(np.unique(found[:, 0])) == len(found)  # one-to-one
+    cells = np.floor((a + 0.5) / 4).astype(int)
+    assert len({tuple(c) for c in cells}) == len(a)  # one keypoint per occupied cell
+
+
+def brute_force_anchor_matches(keypoints0, keypoints1, shift, radius):
+    """Mutual nearest neighbours of the translated keypoints from a full distance matrix: (all pairs that are
+    mutually nearest allowing ties, the subset without ties). SIFT returns twins (one position, two
+    orientations), where either twin is a correct answer."""
+    distance = np.linalg.norm(keypoints0[:, None] + shift - keypoints1[None], axis=-1)
+    row_min, col_min = distance.min(1, keepdims=True), distance.min(0, keepdims=True)
+    mutual = (distance == row_min) & (distance == col_min) & (distance <= radius)
+    unique = mutual & ((distance == row_min).sum(1, keepdims=True) == 1) & ((distance == col_min).sum(0) == 1)
+    return {tuple(m) for m in np.argwhere(mutual)}, {tuple(m) for m in np.argwhere(unique)}
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_anchored_mode_yields_exactly_the_mutual_neighbours(crops, oracles, tmp_path, symmetric):
+    image_dir, pairs, offsets, table = crops
+    conf = {"name": "sift+translation-oracle", "offsets": table, "symmetric": symmetric, "radius": 1.5}
+    features, matches = match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    with FeatureReader(features) as reader:
+        keypoints = {name: reader.read_keypoints(name) for name in offsets}
+        assert reader.read("a.png")["descriptors"].shape[0] == 128  # SIFT's own features file
+    for name0, name1 in [("a.png", "b.png"), ("b.png", "c.png"), ("a.png", "c.png")]:
+        found = {tuple(m) for m in read_matches(matches, name0, name1)}
+        shift = np.subtract(offsets[name0], offsets[name1])
+        allowed, certain = brute_force_anchor_matches(keypoints[name0], keypoints[name1], shift, 1.5)
+        assert certain <= found <= allowed and len(certain) > 20
+        assert len({i for i, _ in found}) == len({j for _, j in found}) == len(found)
+
+
+def test_anchor_matches_respect_certainty_and_cycle():
+    size = (40, 30)
+    keypoints = np.array([[5.0, 5.0], [20.0, 10.0], [30.0, 20.0]], np.float32)
+    forward, certainty = warp_from_function(lambda p: (p, np.ones(len(p), bool)), size, size)
+    certainty[10, 20] = 0.0  # keypoint 1 sits on an uncertain pixel
+    backward, back_certainty = warp_from_function(lambda p: (p + [0, 8.0] * (p[:, :1] > 25), np.ones(len(p), bool)),
+                                                  size, size)
+    warp = Warp(forward, certainty, size, size, backward, back_certainty)
+    matches0, scores = anchor_matches(warp, keypoints, keypoints, radius=2.0, min_certainty=0.5, cycle=True)
+    # 0 maps and maps back; 1 is uncertain; 2 maps forward but its backward warp lands 8 px away.
+    np.testing.assert_array_equal(matches0, [0, -1, -1])
+    assert scores[0] == pytest.approx(1.0)
+    matches0, _ = anchor_matches(warp, keypoints, keypoints, radius=2.0, min_certainty=0.5, cycle=False)
+    np.testing.assert_array_equal(matches0, [0, -1, 2])
+
+
+def test_stage_keys_of_the_other_mode_are_rejected(crops, oracles, tmp_path):
+    image_dir, pairs, _, table = crops
+    with pytest.raises(ConfigError, match="other dense keypoint mode"):
+        match_dense({"name": "translation-oracle", "offsets": table, "radius": 2}, pairs, image_dir,
+                    tmp_path / "f.h5", tmp_path / "m.h5")
+    with pytest.raises(ConfigError, match="anchors on 'sift'"):
+        match_dense({"name": "sift+translation-oracle", "offsets": table}, pairs, image_dir, tmp_path / "f.h5",
+                    tmp_path / "m.h5", features="disk", feature_conf={"max_keypoints": 10})
+
+
+def test_quantised_resume_equals_an_uninterrupted_run(crops, oracles, tmp_path, monkeypatch):
+    image_dir, pairs, offsets, table = crops
+    conf = {"name": "translation-oracle", "offsets": table}
+    match_dense(conf, pairs, image_dir, tmp_path / "full_f.h5", tmp_path / "full_m.h5")
+    calls = []
+    original = TranslationOracle.warp_images
+
+    def interrupted(self, image0, image1):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(self, image0, image1)
+
+    monkeypatch.setattr(TranslationOracle, "warp_images", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    monkeypatch.setattr(TranslationOracle, "warp_images", original)
+    calls.clear()
+    counted = []
+    monkeypatch.setattr(TranslationOracle, "warp_images", lambda s, a, b: counted.append(1) or original(s, a, b))
+    match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    assert len(counted) == 1  # only the pair the interruption hit is matched again
+    with FeatureReader(tmp_path / "f.h5") as resumed, FeatureReader(tmp_path / "full_f.h5") as full:
+        for name in offsets:
+            np.testing.assert_array_equal(resumed.read_keypoints(name), full.read_keypoints(name))
+    for pair in [("a.png", "b.png"), ("b.png", "c.png")]:
+        np.testing.assert_array_equal(read_matches(tmp_path / "m.h5", *pair), read_matches(tmp_path / "full_m.h5", *pair))
+
+
+@pytest.mark.parametrize("matcher", ["scene-oracle", "sift+scene-oracle"])
+def test_run_with_the_ground_truth_matcher_registers_every_image(synthetic_scene, oracles, tmp_path, matcher):
+    from recon.eval import evaluate
+    from recon.pipeline import RunConfig, run
+
+    names = sorted(p.name for p in (synthetic_scene / "images").iterdir())[:8]  # 28 pairs keep this fast
+    config = RunConfig(matcher=matcher, matcher_conf={"scene": str(synthetic_scene), "num_matches": 1000},
+                       exports=(), image_list=names)
+    result = run(synthetic_scene / "images", tmp_path / "out", config)
+    scores = evaluate(result.sfm.sparse_dir, synthetic_scene / "gt", image_names=names)
+    assert result.sfm.num_registered == scores.num_registered == 8
+    assert scores.auc_at(3.0) > 70 and scores.auc_at(5.0) > 80, scores
+    assert result.sfm.mean_reprojection_error < 1.5
+    assert result.sfm.mean_track_length > 3.0
+
+
+def test_memory_stays_flat_over_200_pairs(oracles, tmp_path, monkeypatch):
+    """Memory traced while matching 200 pairs (tracemalloc sees numpy buffers, so the oracle's warps too): from
+    pair 50 to the end of the stage (aggregation and assignment included) the peak may grow by a small fraction of
+    what keeping the 150 further warps would take, and no warp outlives its pair."""
+    import gc
+
+    rng = np.random.default_rng(1)
+    canvas = np.asarray(Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).resize((400, 300)))
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    from feature_backends.images import read_image
+
+    table, names = [], []
+    for index in range(21):  # 21 images → 210 pairs, each image in 20 of them
+        x, y = int(rng.integers(0, 240)), int(rng.integers(0, 180))
+        name = f"{index:02d}.png"
+        Image.fromarray(canvas[y:y + 120, x:x + 160]).save(image_dir / name)
+        table.append([image_key(read_image(image_dir / name)), x, y])
+        names.append(name)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]][:200]
+    pairs_path = write_pairs(tmp_path / "pairs.txt", pairs)
+    traced, alive = [], []
+    original = TranslationOracle.warp_images
+
+    def measured(self, image0, image1):
+        if len(traced) % 50 == 0:
+            gc.collect()
+            alive.append(sum(type(o) is Warp for o in gc.get_objects()))
+        traced.append(tracemalloc.get_traced_memory()[0])
+        if len(traced) == 50:
+            tracemalloc.reset_peak()
+        return original(self, image0, image1)
+
+    monkeypatch.setattr(TranslationOracle, "warp_images", measured)
+    conf = {"name": "translation-oracle", "offsets": table, "num_matches": 500, "balanced": False}
+    tracemalloc.start()
+    try:
+        match_dense(conf, pairs_path, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    warp_bytes = 2 * 120 * 160 * 3 * 4  # both directions: (H, W, 2) field + (H, W) certainty, float32
+    growth = peak - traced[49]
+    print(f"traced at pair 50: {traced[49] / 1e6:.2f} MB, peak after: {peak / 1e6:.2f} MB; "
+          f"150 warps: {150 * warp_bytes / 1e6:.1f} MB")
+    assert len(traced) == 200 and max(alive) == 0
+    assert growth < 0.1 * 150 * warp_bytes, f"grew {growth / 1e6:.1f} MB over 150 pairs"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learned networks with random weights: parity with the reference implementations, strict checkpoint loading.
+
+COARSE, UPSAMPLE = 112, 168  # small resolutions keep two RoMa passes per pair at a few seconds on CPU
+
+
+@pytest.fixture(scope="module")
+def skip_init():
+    """Module construction without random initialisation (every weight is loaded afterwards anyway)."""
+    import contextlib
+    from unittest import mock
+
+    @contextlib.contextmanager
+    def patched():
+        from romatch.models.transformer.dinov2 import DinoVisionTransformer
+
+        with contextlib.ExitStack() as stack:
+            for name in ("kaiming_uniform_", "uniform_", "normal_", "trunc_normal_", "zeros_", "ones_",
+                         "constant_", "xavier_uniform_"):
+                stack.enter_context(mock.patch(f"torch.nn.init.{name}", lambda tensor, *a, **k: tensor))
+            stack.enter_context(mock.patch.object(DinoVisionTransformer, "init_weights", lambda self: None))
+            yield
+
+    return patched
+
+
+@pytest.fixture(scope="module")
+def roma_checkpoints(skip_init):
+    """Random RoMa + DINOv2 state dicts in the official key layouts."""
+    from unittest import mock
+
+    from romatch.models.matcher import RegressionMatcher
+    from romatch.models.model_zoo.roma_models import roma_model
+    from romatch.models.transformer import vit_large
+
+    from feature_backends.roma import random_state_dict
+
+    with skip_init():
+        dinov2 = random_state_dict(vit_large(img_size=518, patch_size=14, init_values=1.0, ffn_layer="mlp",
+                                             block_chunks=0), seed=1)
+        with mock.patch.object(RegressionMatcher, "load_state_dict"):
+            layout = roma_model(resolution=(COARSE, COARSE), upsample_preds=False, weights=None,
+                                dinov2_weights=dinov2, device="cpu", use_custom_corr=False)
+    return {"weights": random_state_dict(layout, seed=2), "dinov2": dinov2}
+
+
+@pytest.mark.shared_data
+def test_roma_path_matches_romatch_on_real_images(shared_data, roma_checkpoints, skip_init):
+    from romatch.models.model_zoo.roma_models import roma_model
+
+    from feature_backends.images import read_image
+    from feature_backends.roma import RoMa
+
+    paths = [shared_data / "temple_ring" / f"templeR00{i}.png" for i in (13, 14, 20)]
+    with skip_init():
+        reference = roma_model(resolution=(COARSE, COARSE), upsample_preds=True, upsample_res=(UPSAMPLE, UPSAMPLE),
+                               weights=roma_checkpoints["weights"], dinov2_weights=roma_checkpoints["dinov2"],
+                               device="cpu", use_custom_corr=False, symmetric=True)
+        ours = RoMa.from_checkpoints(roma_checkpoints, {"coarse_res": COARSE, "upsample_res": UPSAMPLE},
+                                     device="cpu")
+    images = [read_image(p) for p in paths]
+    warp = ours.warp_images(images[0], images[1])
+    # 1. Same input tensors: our wrapper (weights, split of the symmetric warp) reproduces romatch exactly.
+    tensors = [ours.image_tensor(image) for image in images[:2]]
+    reference_warp, reference_certainty = reference.match(
+        ours.preprocess(tensors[0], (COARSE, COARSE)), ours.preprocess(tensors[1], (COARSE, COARSE)),
+        im_A_high_res=ours.preprocess(tensors[0], (UPSAMPLE, UPSAMPLE)),
+        im_B_high_res=ours.preprocess(tensors[1], (UPSAMPLE, UPSAMPLE)))
+    width = reference_warp.shape[2] // 2
+    torch.testing.assert_close(warp.forward, reference_warp[0, :, :width, 2:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(warp.backward, reference_warp[0, :, width:, :2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(warp.certainty, reference_certainty[0, :, :width], atol=1e-5, rtol=0)
+    # 2. romatch's own file API (PIL decoding and resizing): equal up to PIL's 8-bit rounding of the inputs,
+    # far below how much the random network's output moves with the image content.
+    file_warp, file_certainty = reference.match(str(paths[0]), str(paths[1]))
+    other = ours.warp_images(images[0], images[2])
+    difference = (warp.forward - file_warp[0, :, :width, 2:]).abs()
+    content = (warp.forward - other.forward).abs()
+    assert difference.mean() < 0.01 and difference.mean() < 0.1 * content.mean(), (difference.mean(), content.mean())
+    assert (warp.certainty - file_certainty[0, :, :width]).abs().mean() < 0.01
+    assert warp.forward.std() > 0.1  # the random network really maps pixels to different places
+    sampled = warp.sample(10000, sample_thresh=0.05, seed=0)  # what match_images returns
+    assert sampled["keypoints0"].shape == (10000, 2) and sampled["keypoints0"].max() < 640
+    np.testing.assert_array_equal(sampled["keypoints1"], warp.sample(10000, sample_thresh=0.05, seed=0)["keypoints1"])
+
+
+def test_gim_roma_loads_the_lightning_checkpoint_strictly_and_skips_normalisation(roma_checkpoints, skip_init):
+    from feature_backends.errors import WeightsError
+    from feature_backends.gim import GIMRoMa
+
+    lightning = {"state_dict": {f"model.{k}": v for k, v in roma_checkpoints["weights"].items()}, "epoch": 1}
+    with skip_init():
+        gim = GIMRoMa.from_checkpoints({"weights": lightning, "dinov2": roma_checkpoints["dinov2"]},
+                                       {"coarse_res": COARSE, "upsample": False}, device="cpu")
+    image = torch.rand(1, 3, COARSE, COARSE)
+    torch.testing.assert_close(gim.preprocess(image, (COARSE, COARSE)), image)  # raw [0, 1] RGB
+    missing = dict(lightning["state_dict"])
+    missing.pop(next(k for k in missing if "conv_refiner" in k))
+    with skip_init(), pytest.raises(WeightsError, match="does not fit"):
+        GIMRoMa.from_checkpoints({"weights": {"state_dict": missing}, "dinov2": roma_checkpoints["dinov2"]},
+                                 {"coarse_res": COARSE, "upsample": False}, device="cpu")
+
+
+def published_dkmv3_layout() -> dict[str, tuple[int, ...]]:
+    """DKMv3's state-dict keys and shapes as its published construction defines them (Parskatt/DKM
+    dkm/models/model_zoo/DKMv3.py; GIM's copy is identical), written out independently of our module."""
+    from torchvision.models import resnet50
+
+    layout = {f"encoder.net.{k}": tuple(v.shape) for k, v in resnet50(weights=None).state_dict().items()
+              if not k.startswith("fc.")}
+
+    def conv(prefix, out, inp, k=1, bias=True):
+        layout[f"{prefix}.weight"] = (out, inp, k, k)
+        if bias:
+            layout[f"{prefix}.bias"] = (out,)
+
+    def batch_norm(prefix, n):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            layout[f"{prefix}.{name}"] = (n,)
+        layout[f"{prefix}.num_batches_tracked"] = ()
+
+    for s in ("32", "16"):
+        d = "decoder.embedding_decoder"
+        conv(f"{d}.feat_input_modules.{s}", 256, 512)
+        for block, inp in (("rrb_d", 512), ("rrb_u", 384)):
+            conv(f"{d}.{block}.{s}.conv1", 384, inp)
+            conv(f"{d}.{block}.{s}.conv2", 384, 384, 3)
+            batch_norm(f"{d}.{block}.{s}.bn", 384)
+            conv(f"{d}.{block}.{s}.conv3", 384, 384, 3)
+        conv(f"{d}.cab.{s}.conv1", 384, 768)
+        conv(f"{d}.cab.{s}.conv2", 384, 384)
+        conv(f"{d}.terminal_module.{s}", 3, 384)
+        conv(f"decoder.gps.{s}.pos_conv", 256, 2)
+    conv("decoder.proj.16", 512, 1024)
+    conv("decoder.proj.32", 512, 2048)
+    refiners = {"16": (1377, 1377, 128), "8": (1137, 1137, 64), "4": (569, 569, 32), "2": (144, 144, 16),
+                "1": (12, 24, 6)}
+    for s, (inp, hidden, embedding) in refiners.items():
+        r = f"decoder.conv_refiner.{s}"
+        for block, block_in in [("block1", inp)] + [(f"hidden_blocks.{i}", hidden) for i in range(8)]:
+            conv(f"{r}.{block}.0", hidden, 1, 5)  # depthwise 5x5: groups = input channels
+            batch_norm(f"{r}.{block}.1", hidden)
+            conv(f"{r}.{block}.3", hidden, hidden)
+        conv(f"{r}.out_conv", 3, hidden)
+        conv(f"{r}.disp_emb", embedding, 2)
+    return layout
+
+
+def test_dkmv3_has_the_published_layout_and_loads_gim_strictly(tmp_path):
+    from feature_backends.errors import WeightsError
+    from feature_backends.gim import GIMDKM, DKMv3
+    from feature_backends.roma import random_state_dict
+
+    model = DKMv3()
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == published_dkmv3_layout()
+    # GIM's file: Lightning 'state_dict', 'model.' prefix, and upstream's unused classifier (dropped on load).
+    state = {f"model.{k}": v for k, v in random_state_dict(model, seed=3).items()}
+    state["model.encoder.net.fc.weight"], state["model.encoder.net.fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    conf = {"coarse_res": [64, 96], "upsample_res": [96, 128]}
+    matcher = GIMDKM.from_checkpoints({"weights": {"state_dict": state, "epoch": 0}}, conf, device="cpu")
+    rng = np.random.default_rng(0)
+    image0 = rng.random((90, 120, 3)).astype(np.float32)
+    warp = matcher.warp_images(image0, np.roll(image0, 8, axis=1))
+    assert warp.forward.shape == (96, 128, 2) and warp.backward.shape == (96, 128, 2)
+    assert torch.isfinite(warp.forward).all() and 0 <= warp.certainty.min() <= warp.certainty.max() <= 1
+    assert matcher.match_images(image0, image0)["keypoints0"].shape[1] == 2
+    state.pop("model.decoder.conv_refiner.4.out_conv.bias")
+    with pytest.raises(WeightsError, match="1 missing keys"):
+        GIMDKM.from_checkpoints({"weights": {"state_dict": state}}, conf, device="cpu")
+
+
+def test_gim_lightglue_checkpoint_feeds_superpoint_and_lightglue_strictly():
+    from kornia.feature import LightGlue as KorniaLightGlue
+
+    from feature_backends.errors import WeightsError
+    from feature_backends.gim_lightglue import GIMLightGlue, GIMSuperPoint, SuperPointNet
+    from feature_backends.roma import random_state_dict
+
+    # SuperPoint's published layer names and shapes (MagicLeap / cvg / GIM): 3x3 VGG blocks, 1x1 heads.
+    widths = {"1a": (64, 1), "1b": (64, 64), "2a": (64, 64), "2b": (64, 64), "3a": (128, 64), "3b": (128, 128),
+              "4a": (128, 128), "4b": (128, 128), "Pa": (256, 128), "Da": (256, 128)}
+    layout = {f"conv{n}.weight": (o, i, 3, 3) for n, (o, i) in widths.items()}
+    layout |= {f"conv{n}.bias": (o,) for n, (o, _) in widths.items()}
+    layout |= {"convPb.weight": (65, 256, 1, 1), "convPb.bias": (65,), "convDb.weight": (256, 256, 1, 1),
+               "convDb.bias": (256,)}
+    assert {k: tuple(v.shape) for k, v in SuperPointNet().state_dict().items()} == layout
+
+    preset = {k: v for k, v in KorniaLightGlue.features["superpoint"].items() if k != "weights"}
+    lightglue = random_state_dict(KorniaLightGlue(features=None, **preset), seed=4)
+    lightglue.pop("confidence_thresholds", None)  # derived from the config; GIM's file has none
+    state = {f"superpoint.{k}": v for k, v in random_state_dict(SuperPointNet(), seed=5).items()}
+    state |= {f"model.{k}": v for k, v in lightglue.items()}
+    checkpoint = {"state_dict": state, "epoch": 0}
+    extractor = GIMSuperPoint.from_checkpoints({"weights": checkpoint}, {"max_keypoints": 256}, device="cpu")
+    matcher = GIMLightGlue.from_checkpoints({"weights": checkpoint}, device="cpu")
+    rng = np.random.default_rng(0)
+    image = np.asarray(Image.fromarray((rng.random((30, 40)) * 255).astype(np.uint8)).resize((160, 120)),
+                       np.float32)[..., None] / 255
+    features0, features1 = extractor.extract(image), extractor.extract(np.roll(image, 4, axis=1))
+    assert features0["keypoints"].shape == (256, 2) and features0["descriptors"].shape == (256, 256)
+    np.testing.assert_allclose(np.linalg.norm(features0["descriptors"], axis=0), 1, atol=1e-5)
+    matches = matcher.match(features0, features1)
+    assert matches["matches0"].shape == (256,) and matches["matches0"].max() < 256
+    state.pop("model.transformers.0.self_attn.Wqkv.weight")
+    with pytest.raises(WeightsError, match="missing"):
+        GIMLightGlue.from_checkpoints({"weights": {"state_dict": state}}, device="cpu")
