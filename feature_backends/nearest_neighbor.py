@@ -3,9 +3,19 @@
 The whole similarity matrix is computed as one matrix product, split into row chunks only when it would
 exceed `max_block_elements`; no Python loop runs over keypoints. Descriptors are assumed L2-normalised
 (RootSIFT, DeDoDe, DISK ... are), so the Euclidean distance is sqrt(2 - 2 * similarity).
+
+Speed: the matrix product and the top-2 searches over it are the whole cost. Where half precision is faster
+(CUDA, and CPUs with AVX512-FP16/AMX, probed once per process) they run in float16, and the two best
+similarities of every row and column are then recomputed exactly in float32, so the ratio and distance tests
+see exact values; only the ranking of near-ties (within ~1e-3, which the ratio test rejects anyway) can differ.
+Measured on this machine's CPU (AVX512-FP16, 1500x1550 RootSIFT): the float16 product is ~1.7x faster than
+float32 (12.8 vs 21.0 ms) but the top-2 searches are not, so the probe keeps float32 here; on CUDA float16 wins.
 """
 
 from __future__ import annotations
+
+import functools
+import time
 
 import torch
 
@@ -19,6 +29,7 @@ def mutual_nearest_neighbors(
     distance_threshold: float | None = None,
     mutual: bool = True,
     max_block_elements: int = 1 << 26,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Match (N0,D) to (N1,D) descriptors; returns matches0 (N0,) with -1 and scores (N0,) in [0,1].
 
@@ -29,21 +40,28 @@ def mutual_nearest_neighbors(
     """
     n0, n1 = descriptors0.shape[0], descriptors1.shape[0]
     device = descriptors0.device
+    compute_dtype = compute_dtype or fastest_similarity_dtype(device)
+    work0, work1 = descriptors0.to(compute_dtype), descriptors1.to(compute_dtype)
     k_rows = 2 if n1 > 1 else 1
     k_cols = 2 if n0 > 1 else 1
-    best_sim = descriptors0.new_empty((n0, k_rows))
+    best_sim = work0.new_empty((n0, k_rows))
     best_idx = torch.empty((n0, k_rows), dtype=torch.long, device=device)
-    col_sim = descriptors0.new_full((k_cols, n1), -float("inf"))
+    col_sim = work0.new_full((k_cols, n1), -float("inf"))
     col_idx = torch.zeros((k_cols, n1), dtype=torch.long, device=device)
     rows = max(2, max_block_elements // max(n1, 1))
     for start in range(0, n0, rows):
-        sim = descriptors0[start:start + rows] @ descriptors1.T
+        sim = work0[start:start + rows] @ work1.T
         best_sim[start:start + rows], best_idx[start:start + rows] = sim.topk(k_rows, dim=1)
         block_sim, block_idx = sim.topk(min(k_cols, sim.shape[0]), dim=0)
         merged_sim = torch.cat([col_sim, block_sim])
         merged_idx = torch.cat([col_idx, block_idx + start])
         col_sim, order = merged_sim.topk(k_cols, dim=0)
         col_idx = merged_idx.gather(0, order)
+
+    if compute_dtype != descriptors0.dtype:
+        best_sim, best_idx = _exact_top(descriptors0, descriptors1, best_idx)
+        col_sim, col_idx = _exact_top(descriptors1, descriptors0, col_idx.T)
+        col_sim, col_idx = col_sim.T, col_idx.T
 
     def to_distance(similarity: torch.Tensor) -> torch.Tensor:
         return (2 - 2 * similarity.clamp(-1, 1)).clamp(min=0).sqrt()
@@ -63,6 +81,35 @@ def mutual_nearest_neighbors(
     matches0 = torch.where(valid, nearest, -1)
     scores = torch.where(valid, (best_sim[:, 0] + 1) / 2, best_sim.new_zeros(()))
     return matches0, scores
+
+
+def _exact_top(queries: torch.Tensor, targets: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact similarities of each query to its candidate targets (N,k), re-sorted in decreasing order."""
+    exact = torch.einsum("nd,nkd->nk", queries, targets[index])
+    exact, order = exact.sort(dim=1, descending=True)
+    return exact, index.gather(1, order)
+
+
+@functools.lru_cache(maxsize=None)
+def fastest_similarity_dtype(device: torch.device) -> torch.dtype:
+    """float16 on CUDA; on CPU whichever of float16 / float32 multiplies faster here (probed once, ~50 ms)."""
+    if device.type == "cuda":
+        return torch.float16
+    if device.type != "cpu":
+        return torch.float32
+    a, b = torch.randn(1024, 128), torch.randn(1024, 128)
+    timings = {}
+    for dtype in (torch.float32, torch.float16):
+        x, y = a.to(dtype), b.to(dtype)
+        try:
+            (x @ y.T).topk(2, dim=1)
+        except RuntimeError:  # no half-precision kernel on this CPU
+            continue
+        start = time.perf_counter()
+        for _ in range(3):
+            (x @ y.T).topk(2, dim=1)
+        timings[dtype] = time.perf_counter() - start
+    return torch.float16 if timings.get(torch.float16, float("inf")) < 0.7 * timings[torch.float32] else torch.float32
 
 
 class MutualNearestNeighbor(SparseMatcher):

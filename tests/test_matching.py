@@ -29,8 +29,9 @@ def normalized(rng, n, d=32):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("block", [1 << 26, 7 * 50, 1])  # one block, row chunks of 7, chunks of 2
-def test_mnn_equals_reference(block):
+def test_mnn_equals_reference(block, dtype):
     import torch
 
     rng = np.random.default_rng(0)
@@ -38,7 +39,7 @@ def test_mnn_equals_reference(block):
     d0 = np.concatenate([d1[:30] + 0.05 * normalized(rng, 30), normalized(rng, 40)])
     d0 /= np.linalg.norm(d0, axis=1, keepdims=True)
     matches, scores = mutual_nearest_neighbors(torch.from_numpy(d0), torch.from_numpy(d1), 0.8,
-                                               max_block_elements=block)
+                                               max_block_elements=block, compute_dtype=getattr(torch, dtype))
     expected = reference_mnn(d0, d1, 0.8)
     np.testing.assert_array_equal(matches.numpy(), expected)
     assert (matches[:30].numpy() == np.arange(30)).all()  # the perturbed copies find their originals
