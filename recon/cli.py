@@ -172,10 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", default="colmap-txt", help="colmap-txt, ply, nerfstudio, 3dgs (comma-separated)")
     exp.add_argument("--images", type=Path, help="image folder (default: the one recorded in OUT/run.json)")
 
-    ev = commands.add_parser("eval", help="compare a model with ground-truth cameras")
-    ev.add_argument("model", type=Path)
-    ev.add_argument("--gt", type=Path, required=True, help="Middlebury *_par.txt, Strecha *.camera folder or COLMAP model")
-    ev.add_argument("--json", type=Path, help="also write the figures as JSON")
+    from .eval import build_parser as build_eval_parser
+
+    build_eval_parser(commands.add_parser("eval", help="compare a model with ground-truth cameras (pose AUC)"))
 
     sp = commands.add_parser("splat", help="train Gaussian splats on OUT/undistorted (gsplat; CPU reference path without CUDA)")
     sp.add_argument("out", type=Path)
@@ -275,13 +274,9 @@ def _command_export(args) -> int:
 
 
 def _command_eval(args) -> int:
-    from .eval import evaluate, format_eval
+    from .eval import run_from_args
 
-    result = evaluate(args.model, args.gt)
-    print(format_eval(result))
-    if args.json:
-
-        args.json.write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    run_from_args(args)
     return 0
 
 
