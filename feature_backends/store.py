@@ -133,7 +133,20 @@ class _Journal:
             self.partial.unlink()
 
 
-class _Writer:
+class _Closing:
+    """`with`-support for the readers and writers: leaving the block closes (and, for writers, publishes)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class _Writer(_Closing):
     def __init__(self, path: str | Path, conf: Mapping[str, Any] | None = None, checkpoint_seconds: float = 30.0):
         self._journal = _Journal(path, conf, checkpoint_seconds)
         self.path = self._journal.path
@@ -148,12 +161,6 @@ class _Writer:
 
     def close(self) -> None:
         self._journal.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
 
 class FeatureWriter(_Writer):
@@ -229,12 +236,17 @@ def _find_pair(file: h5py.File, name0: str, name1: str) -> tuple[str, bool] | No
     return None
 
 
-class FeatureReader:
-    """Read a features.h5 (ours or hloc's) with the file kept open."""
-
+class _Reader(_Closing):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._file = _open_for_reading(self.path)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class FeatureReader(_Reader):
+    """Read a features.h5 (ours or hloc's) with the file kept open."""
 
     def names(self) -> list[str]:
         return sorted(_walk_datasets_parent(self._file, "keypoints"))
@@ -260,22 +272,10 @@ class FeatureReader:
         value = self._file[name]["keypoints"].attrs.get("uncertainty")
         return None if value is None else float(value)
 
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
 
-class MatchReader:
+class MatchReader(_Reader):
     """Read a matches.h5 (ours or hloc's), finding reversed and legacy pair keys."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._file = _open_for_reading(self.path)
 
     def has(self, name0: str, name1: str) -> bool:
         return _find_pair(self._file, name0, name1) is not None
@@ -306,14 +306,6 @@ class MatchReader:
         key, reversed_ = found
         return {k: v[()] for k, v in self._file[key].items()}, reversed_
 
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
 
 def read_global_descriptors(path: str | Path, names: Iterable[str] | None = None) -> tuple[list[str], np.ndarray]:
