@@ -222,6 +222,12 @@ class SparseMatcher(Backend):
     #: Inputs that must be present in both feature sets.
     required_inputs: ClassVar[tuple[str, ...]] = ("keypoints", "descriptors")
 
+    @classmethod
+    def conf_for_features(cls, record: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Configuration implied by the features being matched ({"backend", "conf"} recorded in features.h5),
+        e.g. which LightGlue weights fit them; the user's explicit configuration overrides it."""
+        return {}
+
     def _match(self, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

@@ -69,6 +69,12 @@ class LightGlue(SparseMatcher):
         "width_confidence": 0.99,  # point pruning; -1 disables
         "flash": True,
     }
+
+    @classmethod
+    def conf_for_features(cls, record):
+        features = features_from_record(record)
+        return {"features": features} if features else {}
+
     weight_files: ClassVar[dict[str, Any]] = {name: (file,) for name, file in LIGHTGLUE_WEIGHTS.items()}
 
     def _init(self, conf) -> None:

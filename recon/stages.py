@@ -21,7 +21,7 @@ from tqdm import tqdm
 from feature_backends import registry
 from feature_backends.errors import ConfigError, ImageReadError
 from feature_backends.images import iter_images, list_images
-from feature_backends.store import FeatureReader, FeatureWriter, MatchWriter
+from feature_backends.store import FeatureReader, FeatureWriter, MatchWriter, read_stored_conf
 from pairs.io import check_names, read_pairs
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,9 @@ def match(
 ) -> Path:
     name, backend_conf = split_conf(conf)
     pairs = read_pairs(pairs_path)
-    model = registry.get_backend("matcher", name, backend_conf, device=device)
+    matcher_class, _ = registry.resolve("matcher", name)
+    implied = matcher_class.conf_for_features(read_stored_conf(features_path))
+    model = registry.get_backend("matcher", name, {**implied, **backend_conf}, device=device)
     logger.info("Matching %d pairs with %s: %s", len(pairs), name, model.conf.to_dict())
     record = {"backend": name, "conf": model.conf.to_dict()}
     with FeatureReader(features_path) as reader:

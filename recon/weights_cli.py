@@ -26,17 +26,17 @@ def _weight_table() -> list[tuple[str, str, str, WeightFile | None, str]]:
 
 
 def list_weights() -> int:
-    print(f"{'kind':<9} {'backend':<16} {'variant':<14} {'file':<34} {'status':<8} {'size':>10}  location / url")
+    print(f"{'kind':<9} {'backend':<16} {'variant':<22} {'file':<36} {'status':<8} {'size':>10}  location / url")
     seen = set()
     for kind, name, variant, weight, problem in _weight_table():
         if weight is None:
-            print(f"{kind:<9} {name:<16} {variant:<14} {'-':<34} {problem}")
+            print(f"{kind:<9} {name:<16} {variant:<22} {'-':<36} {problem}")
             continue
         path = find_weights(weight)
         status = "present" if path else "missing"
         size = f"{path.stat().st_size / 1e6:.1f} MB" if path else (f"{weight.size / 1e6:.1f} MB" if weight.size else "?")
         where = str(path) if path else weight.url
-        print(f"{kind:<9} {name:<16} {variant:<14} {weight.filename:<34} {status:<8} {size:>10}  {where}")
+        print(f"{kind:<9} {name:<16} {variant:<22} {weight.filename:<36} {status:<8} {size:>10}  {where}")
         seen.add(weight.filename)
     return 0
 

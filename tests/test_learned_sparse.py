@@ -404,7 +404,7 @@ def test_features_record_selects_lightglue_weights():
 @pytest.mark.parametrize("features, matcher, feature_conf, matcher_conf", [
     ("dedode", "dual-softmax", {}, {"threshold": 0.0}),
     ("dad", "mnn", {}, {}),
-    ("disk", "lightglue", {}, {"features": "disk", "filter_threshold": 0.0}),
+    ("disk", "lightglue", {}, {"filter_threshold": 0.0}),  # LightGlue picks its disk weights from features.h5
 ])
 def test_pipeline_runs_every_stage(random_weights, synthetic_scene, tmp_path, features, matcher, feature_conf,
                                    matcher_conf):
