@@ -138,10 +138,14 @@ def throughput(images: list[Path], num_pairs: int, device: str, official: bool) 
 
 
 def keypoint_modes(num_frames: int) -> list[dict]:
+    import numpy as np
+    import pycolmap
+
     sys.path.insert(0, str(ROOT / "tests"))
     from feature_backends import registry
     from feature_backends.store import FeatureReader, MatchReader
     from pairs.io import read_pairs
+    from recon.eval import evaluate
     from recon.pipeline import RunConfig, run
     from recon.synthetic import SceneSpec, make_scene
 
@@ -158,10 +162,16 @@ def keypoint_modes(num_frames: int) -> list[dict]:
                 keypoints = [len(features.read_keypoints(n)) for n in features.names()]
             with MatchReader(out / "matches.h5") as matches:
                 num_matches = sum(len(matches.read(*pair)[0]) for pair in read_pairs(out / "pairs.txt"))
+            model = pycolmap.Reconstruction(result.sfm.sparse_dir)
+            # Track length counts observations; quantising can give one 3D point several keypoints in one image,
+            # so the number of distinct images per track is reported too.
+            images_per_track = np.mean([len({e.image_id for e in p.track.elements}) for p in model.points3D.values()])
             rows.append({"mode": mode, "keypoints_per_image": sum(keypoints) / len(keypoints),
                          "matches": num_matches, "registered": f"{result.sfm.num_registered}/{num_frames}",
                          "points": result.sfm.num_points, "track_length": result.sfm.mean_track_length,
+                         "images_per_track": float(images_per_track),
                          "reprojection_px": result.sfm.mean_reprojection_error,
+                         "auc@1/3/5": "/".join(f"{a:.0f}" for a in evaluate(result.sfm.sparse_dir, scene / "gt").auc),
                          "seconds": time.perf_counter() - start})
     return rows
 

@@ -533,3 +533,22 @@ def test_gim_lightglue_checkpoint_feeds_superpoint_and_lightglue_strictly():
     state.pop("model.transformers.0.self_attn.Wqkv.weight")
     with pytest.raises(WeightsError, match="missing"):
         GIMLightGlue.from_checkpoints({"weights": {"state_dict": state}}, device="cpu")
+
+
+def test_tiny_roma_takes_xfeat_from_kornia_and_weights_from_its_checkpoint():
+    from kornia.feature.xfeat import XFeatModel
+    from romatch.models.tiny import TinyRoMa as RomatchTinyRoMa
+
+    from feature_backends.errors import WeightsError
+    from feature_backends.roma import TinyRoMa, random_state_dict
+
+    state = random_state_dict(RomatchTinyRoMa(xfeat=XFeatModel(), freeze_xfeat=False), seed=7)
+    assert any(k.startswith("xfeat.0.block1.") for k in state)  # XFeat's weights live in the tiny checkpoint
+    matcher = TinyRoMa.from_checkpoints({"weights": state}, {"resize_max": 160}, device="cpu")
+    image = np.random.default_rng(0).random((120, 160, 3)).astype(np.float32)
+    warp = matcher.warp_images(image, np.roll(image, 5, axis=1))
+    assert warp.forward.shape == (120, 160, 2) and not warp.symmetric
+    assert matcher.match_images(image, image)["keypoints0"].shape == (5000, 2)
+    state.pop("xfeat.0.block1.0.layer.0.weight")
+    with pytest.raises(WeightsError, match="1 missing keys"):
+        TinyRoMa.from_checkpoints({"weights": state}, device="cpu")
