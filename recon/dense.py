@@ -29,6 +29,7 @@ differ between axes and images); here the search is scipy's cKDTree in pixels.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -343,6 +344,18 @@ def _lookup_ids(cell_keys: np.ndarray, cells: np.ndarray) -> np.ndarray:
     return np.where(cell_keys[position] == cells, position, -1)
 
 
+def _quantised_outputs_complete(features_path, matches_path, feature_record, names, pairs) -> bool:
+    """Whether a previous run already wrote keypoints for `names` and matches0 for `pairs` with this config."""
+    if not Path(features_path).is_file():
+        return False
+    if read_stored_conf(features_path) != json.loads(json.dumps(feature_record, sort_keys=True, default=str)):
+        return False
+    with FeatureReader(features_path) as features, MatchReader(matches_path) as matches:
+        if any(name not in features for name in names):
+            return False
+        return all("matches0" in matches.read_raw(*pair)[0] for pair in pairs)
+
+
 def match_quantised(model, name: str, pairs: Sequence[tuple[str, str]], image_dir: Path, features_path,
                     matches_path, cell_size: int, max_error: int, max_keypoints: int | None) -> Path:
     cell_size, max_error = int(cell_size), int(max_error)
@@ -366,6 +379,10 @@ def match_quantised(model, name: str, pairs: Sequence[tuple[str, str]], image_di
             writer.write(name0, name1, {k: sampled[k] for k in ("keypoints0", "keypoints1", "scores")})
     pairs = [pair for pair in pairs if pair not in failed]
     names = sorted({n for pair in pairs for n in pair})
+    feature_record = {**record, "cell_size": cell_size, "max_error": max_error, "max_keypoints": max_keypoints}
+    if not todo and _quantised_outputs_complete(features_path, matches_path, feature_record, names, pairs):
+        logger.info("Dense keypoints and matches are up to date in %s and %s", features_path, matches_path)
+        return Path(matches_path)
     grids = {}
     for image_name in names:
         width, height = image_size(image_dir / image_name)
@@ -381,7 +398,6 @@ def match_quantised(model, name: str, pairs: Sequence[tuple[str, str]], image_di
             bins[name0].add(grids[name0].sub_bins(points0), points0, raw["scores"])
             bins[name1].add(grids[name1].sub_bins(points1), points1, raw["scores"])
     cell_keys = {}
-    feature_record = {**record, "cell_size": cell_size, "max_error": max_error, "max_keypoints": max_keypoints}
     with FeatureWriter(features_path, conf=feature_record) as writer:
         for image_name in names:
             keys, positions, scores = _finalise_keypoints(bins.pop(image_name), grids[image_name], max_keypoints)

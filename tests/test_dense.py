@@ -259,6 +259,10 @@ def test_quantised_resume_equals_an_uninterrupted_run(crops, oracles, tmp_path, 
             np.testing.assert_array_equal(resumed.read_keypoints(name), full.read_keypoints(name))
     for pair in [("a.png", "b.png"), ("b.png", "c.png")]:
         np.testing.assert_array_equal(read_matches(tmp_path / "m.h5", *pair), read_matches(tmp_path / "full_m.h5", *pair))
+    # A complete output is left untouched by another run.
+    stamps = [(tmp_path / f).stat().st_mtime_ns for f in ("f.h5", "m.h5")]
+    match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    assert len(counted) == 1 and stamps == [(tmp_path / f).stat().st_mtime_ns for f in ("f.h5", "m.h5")]
 
 
 @pytest.mark.parametrize("matcher", ["scene-oracle", "sift+scene-oracle"])
