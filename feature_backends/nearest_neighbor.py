@@ -42,26 +42,12 @@ def mutual_nearest_neighbors(
     device = descriptors0.device
     compute_dtype = compute_dtype or fastest_similarity_dtype(device)
     work0, work1 = descriptors0.to(compute_dtype), descriptors1.to(compute_dtype)
-    k_rows = 2 if n1 > 1 else 1
-    k_cols = 2 if n0 > 1 else 1
-    best_sim = work0.new_empty((n0, k_rows))
-    best_idx = torch.empty((n0, k_rows), dtype=torch.long, device=device)
-    col_sim = work0.new_full((k_cols, n1), -float("inf"))
-    col_idx = torch.zeros((k_cols, n1), dtype=torch.long, device=device)
-    rows = max(2, max_block_elements // max(n1, 1))
-    for start in range(0, n0, rows):
-        sim = work0[start:start + rows] @ work1.T
-        best_sim[start:start + rows], best_idx[start:start + rows] = sim.topk(k_rows, dim=1)
-        block_sim, block_idx = sim.topk(min(k_cols, sim.shape[0]), dim=0)
-        merged_sim = torch.cat([col_sim, block_sim])
-        merged_idx = torch.cat([col_idx, block_idx + start])
-        col_sim, order = merged_sim.topk(k_cols, dim=0)
-        col_idx = merged_idx.gather(0, order)
-
+    # Both directions as row searches on their own product: a top-k down the columns of one product walks
+    # memory with a stride and costs more than a second matrix product (15.5 vs 4.5 + 3.3 ms at 1500x1450).
+    best_sim, best_idx = _top_candidates(work0, work1, min(2, n1), max_block_elements)
     if compute_dtype != descriptors0.dtype:
         best_sim, best_idx = _exact_top(descriptors0, descriptors1, best_idx)
-        col_sim, col_idx = _exact_top(descriptors1, descriptors0, col_idx.T)
-        col_sim, col_idx = col_sim.T, col_idx.T
+    k_rows = best_sim.shape[1]
 
     def to_distance(similarity: torch.Tensor) -> torch.Tensor:
         return (2 - 2 * similarity.clamp(-1, 1)).clamp(min=0).sqrt()
@@ -74,13 +60,29 @@ def mutual_nearest_neighbors(
     if distance_threshold is not None:
         valid &= distance[:, 0] <= distance_threshold
     if mutual:
-        valid &= col_idx[0, nearest] == torch.arange(n0, device=device)
-        if ratio_threshold is not None and k_cols == 2:
+        col_sim, col_idx = _top_candidates(work1, work0, min(2, n0), max_block_elements)
+        if compute_dtype != descriptors0.dtype:
+            col_sim, col_idx = _exact_top(descriptors1, descriptors0, col_idx)
+        valid &= col_idx[nearest, 0] == torch.arange(n0, device=device)
+        if ratio_threshold is not None and col_sim.shape[1] == 2:
             col_distance = to_distance(col_sim)
-            valid &= (col_distance[0] <= ratio_threshold * col_distance[1])[nearest]
+            valid &= (col_distance[:, 0] <= ratio_threshold * col_distance[:, 1])[nearest]
     matches0 = torch.where(valid, nearest, -1)
     scores = torch.where(valid, (best_sim[:, 0] + 1) / 2, best_sim.new_zeros(()))
     return matches0, scores
+
+
+def _top_candidates(
+    queries: torch.Tensor, targets: torch.Tensor, k: int, max_block_elements: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most similar targets of every query (N,k), computed in row blocks of bounded size."""
+    rows = max(1, max_block_elements // max(len(targets), 1))
+    sims, indices = [], []
+    for start in range(0, len(queries), rows):
+        block_sim, block_idx = (queries[start:start + rows] @ targets.T).topk(k, dim=1)
+        sims.append(block_sim)
+        indices.append(block_idx)
+    return torch.cat(sims), torch.cat(indices)
 
 
 def _exact_top(queries: torch.Tensor, targets: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
