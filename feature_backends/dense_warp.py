@@ -11,8 +11,8 @@ candidates by certainty, then thin them by the inverse of a Gaussian KDE so matc
 instead of calling `RegressionMatcher.sample`, for three reasons: (1) romatch draws from torch's global RNG, so
 the same pair gives different matches on a re-run; here every pair draws from its own seeded generator, which
 keeps a resumed run identical to an uninterrupted one; (2) romatch's KDE builds the full (4N x 4N) distance
-matrix (40k x 40k for the default 10k matches: 3.2 GB in fp16), here it is computed in row chunks against at most
-`kde_max_points` candidates (a stride subsample, density rescaled), so memory and time stay bounded; (3) the same sampler serves
+matrix (40k x 40k for the default 10k matches: 3.2 GB in fp16), here it is computed in row chunks against at
+most `kde_max_points` candidates (a stride subsample, density rescaled), so memory and time stay bounded; (3) the same sampler serves
 DKM, tiny RoMa and the test oracles, which romatch's method (bound to a model) cannot.
 """
 

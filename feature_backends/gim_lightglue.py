@@ -40,13 +40,15 @@ class SuperPointNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        widths = (64, 64, 128, 128, 256)
-        self.conv1a, self.conv1b = nn.Conv2d(1, widths[0], 3, padding=1), nn.Conv2d(widths[0], widths[0], 3, padding=1)
-        self.conv2a, self.conv2b = nn.Conv2d(widths[0], widths[1], 3, padding=1), nn.Conv2d(widths[1], widths[1], 3, padding=1)
-        self.conv3a, self.conv3b = nn.Conv2d(widths[1], widths[2], 3, padding=1), nn.Conv2d(widths[2], widths[2], 3, padding=1)
-        self.conv4a, self.conv4b = nn.Conv2d(widths[2], widths[3], 3, padding=1), nn.Conv2d(widths[3], widths[3], 3, padding=1)
-        self.convPa, self.convPb = nn.Conv2d(widths[3], widths[4], 3, padding=1), nn.Conv2d(widths[4], 65, 1)
-        self.convDa, self.convDb = nn.Conv2d(widths[3], widths[4], 3, padding=1), nn.Conv2d(widths[4], 256, 1)
+        def conv(inp: int, out: int, kernel: int = 3) -> nn.Conv2d:
+            return nn.Conv2d(inp, out, kernel, padding=kernel // 2)
+
+        self.conv1a, self.conv1b = conv(1, 64), conv(64, 64)
+        self.conv2a, self.conv2b = conv(64, 64), conv(64, 64)
+        self.conv3a, self.conv3b = conv(64, 128), conv(128, 128)
+        self.conv4a, self.conv4b = conv(128, 128), conv(128, 128)
+        self.convPa, self.convPb = conv(128, 256), conv(256, 65, 1)
+        self.convDa, self.convDb = conv(128, 256), conv(256, 256, 1)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gray (B, 1, H, W) → dense scores (B, H', W') at 8x the feature map and descriptors (B, 256, H/8, W/8)."""

@@ -258,7 +258,8 @@ def test_quantised_resume_equals_an_uninterrupted_run(crops, oracles, tmp_path, 
         for name in offsets:
             np.testing.assert_array_equal(resumed.read_keypoints(name), full.read_keypoints(name))
     for pair in [("a.png", "b.png"), ("b.png", "c.png")]:
-        np.testing.assert_array_equal(read_matches(tmp_path / "m.h5", *pair), read_matches(tmp_path / "full_m.h5", *pair))
+        np.testing.assert_array_equal(read_matches(tmp_path / "m.h5", *pair),
+                                      read_matches(tmp_path / "full_m.h5", *pair))
     # A complete output is left untouched by another run.
     stamps = [(tmp_path / f).stat().st_mtime_ns for f in ("f.h5", "m.h5")]
     match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
@@ -488,7 +489,8 @@ def test_dkmv3_has_the_published_layout_and_loads_gim_strictly(tmp_path):
     assert ours == published_dkmv3_layout()
     # GIM's file: Lightning 'state_dict', 'model.' prefix, and upstream's unused classifier (dropped on load).
     state = {f"model.{k}": v for k, v in random_state_dict(model, seed=3).items()}
-    state["model.encoder.net.fc.weight"], state["model.encoder.net.fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    state["model.encoder.net.fc.weight"] = torch.zeros(1000, 2048)
+    state["model.encoder.net.fc.bias"] = torch.zeros(1000)
     conf = {"coarse_res": [64, 96], "upsample_res": [96, 128]}
     matcher = GIMDKM.from_checkpoints({"weights": {"state_dict": state, "epoch": 0}}, conf, device="cpu")
     rng = np.random.default_rng(0)
