@@ -231,6 +231,12 @@ class SparseMatcher(Backend):
     def _match(self, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def match_many(
+        self, features0: Mapping[str, np.ndarray], others: list[Mapping[str, np.ndarray]]
+    ) -> list[dict[str, np.ndarray]]:
+        """Match one feature set against several; matchers that can share work across pairs override this."""
+        return [self.match(features0, features1) for features1 in others]
+
     def match(self, features0: Mapping[str, np.ndarray], features1: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         data: dict[str, torch.Tensor] = {}
         for suffix, feats in (("0", features0), ("1", features1)):

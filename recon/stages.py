@@ -115,6 +115,32 @@ def match(
             todo = [pair for pair in pairs if not writer.has(*pair)]
             if len(todo) < len(pairs):
                 logger.info("Resuming: %d of %d pairs already in %s", len(pairs) - len(todo), len(pairs), matches_path)
-            for name0, name1 in tqdm(todo, desc=f"match {name}", unit="pair"):
-                writer.write(name0, name1, model.match(cache[name0], cache[name1]))
+            progress = tqdm(total=len(todo), desc=f"match {name}", unit="pair")
+            for name0, partners in _batches_by_first_image(todo, cache):
+                results = model.match_many(cache[name0], [cache[name1] for name1 in partners])
+                for name1, result in zip(partners, results):
+                    writer.write(name0, name1, result)
+                progress.update(len(partners))
+            progress.close()
     return Path(matches_path)
+
+
+def _batches_by_first_image(pairs, cache: _FeatureCache, max_elements: int = 1 << 25):
+    """(name0, [name1, ...]) groups in pair order, each small enough that one batched similarity matrix
+    (keypoints of name0 x partners x their largest keypoint count) stays under `max_elements`."""
+    groups: dict[str, list[str]] = {}
+    for name0, name1 in pairs:
+        groups.setdefault(name0, []).append(name1)
+    for name0, partners in groups.items():
+        rows = max(1, len(cache[name0]["keypoints"]))
+        batch: list[str] = []
+        widest = 0
+        for name1 in partners:
+            width = max(widest, len(cache[name1]["keypoints"]))
+            if batch and rows * width * (len(batch) + 1) > max_elements:
+                yield name0, batch
+                batch, width = [], len(cache[name1]["keypoints"])
+            batch.append(name1)
+            widest = width
+        if batch:
+            yield name0, batch

@@ -90,3 +90,35 @@ def test_sift_keypoints_are_unbiased_in_hloc_convention():
         for cx, cy in centres:
             nearest = keypoints[np.argmin(np.hypot(keypoints[:, 0] - cx, keypoints[:, 1] - cy))]
             assert np.hypot(nearest[0] - cx, nearest[1] - cy) < 0.05, (sigma, (cx, cy), nearest)
+
+
+@pytest.mark.parametrize("mutual", [True, False])
+def test_one_to_many_equals_pairwise(mutual):
+    """The batched path (one product per direction, padded partners) gives exactly the pairwise results."""
+    import torch
+
+    from feature_backends.nearest_neighbor import one_to_many_nearest_neighbors
+
+    rng = np.random.default_rng(3)
+    d0 = torch.from_numpy(normalized(rng, 60))
+    others = [torch.from_numpy(np.concatenate([d0.numpy()[:k] + 0.03 * normalized(rng, k), normalized(rng, n)]))
+              for k, n in [(20, 5), (0, 1), (40, 30), (3, 0)]]
+    others = [torch.nn.functional.normalize(o, dim=1) for o in others]
+    batched = one_to_many_nearest_neighbors(d0, others, 0.8, mutual=mutual, compute_dtype=torch.float32)
+    for other, (matches, scores) in zip(others, batched):
+        reference, reference_scores = mutual_nearest_neighbors(d0, other, 0.8, mutual=mutual,
+                                                               compute_dtype=torch.float32)
+        np.testing.assert_array_equal(matches.numpy(), reference.numpy())
+        np.testing.assert_allclose(scores.numpy(), reference_scores.numpy(), atol=1e-6)
+    assert (batched[2][0][:40].numpy() >= 0).sum() >= 35  # the perturbed copies are found
+
+
+def test_match_stage_batches_by_first_image(tmp_path):
+    from recon.stages import _batches_by_first_image
+
+    cache = {f"i{k}": {"keypoints": np.zeros((n, 2))} for k, n in enumerate([10, 4, 8, 6])}
+    pairs = [("i0", "i1"), ("i0", "i2"), ("i1", "i2"), ("i0", "i3"), ("i1", "i3")]
+    assert list(_batches_by_first_image(pairs, cache)) == [("i0", ["i1", "i2", "i3"]), ("i1", ["i2", "i3"])]
+    # budget of 10 x 8 x 2 elements: i0's partners split after two
+    assert list(_batches_by_first_image(pairs, cache, max_elements=160)) == [
+        ("i0", ["i1", "i2"]), ("i0", ["i3"]), ("i1", ["i2", "i3"])]
