@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("out", type=Path)
     run.add_argument("--features", default="sift", help=f"local features ({', '.join(registry.names('features'))})")
     run.add_argument("--matcher", default="mnn",
-                     help=f"sparse ({', '.join(registry.names('matcher'))}) or dense ({', '.join(registry.names('dense'))})")
+                     help=f"sparse ({', '.join(registry.names('matcher'))}), dense ({', '.join(registry.names('dense'))}), "
+                          "or anchored dense FEATURES+DENSE (e.g. sift+roma, dad+roma)")
     run.add_argument("--max-keypoints", type=int)
     run.add_argument("--resize-max", type=int)
     run.add_argument("--weights", help="explicit weight file for the feature backend")

@@ -13,13 +13,16 @@ def _weight_table() -> list[tuple[str, str, str, WeightFile | None, str]]:
     for kind in registry.KINDS:
         for name in registry.names(kind):
             try:
-                cls, _ = registry.resolve(kind, name)
+                cls, preset = registry.resolve(kind, name)
             except ReconError as error:
                 rows.append((kind, name, "-", None, f"unavailable: {error}"))
                 continue
             if not cls.weight_files:
                 rows.append((kind, name, "-", None, "no weights needed"))
-            for variant, files in cls.weight_files.items():
+            variants = cls.weight_files
+            if preset.get("variant") in variants:  # a preset such as minima-roma needs only its own files
+                variants = {preset["variant"]: variants[preset["variant"]]}
+            for variant, files in variants.items():
                 for weight in (files if isinstance(files, (tuple, list)) else (files,)):
                     rows.append((kind, name, variant, weight, ""))
     return rows
