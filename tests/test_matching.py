@@ -29,7 +29,7 @@ def normalized(rng, n, d=32):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("block", [1 << 26, 7 * 50, 1])  # one block, row chunks of 7, chunks of 2
 def test_mnn_equals_reference(block, dtype):
     import torch
