@@ -134,11 +134,11 @@ def import_matches(
     pairs: Sequence[tuple[str, str]],
     matches_path: str | Path,
     min_match_score: float | None = None,
-) -> int:
-    """Write raw matches of every pair (de-duplicated in both directions); return the number of matches."""
+) -> dict[tuple[str, str], int]:
+    """Write raw matches of every pair (de-duplicated in both directions); return the match count per pair."""
     check_names(pairs, image_ids, "the pairs file")
     seen: set[tuple[int, int]] = set()
-    total = 0
+    counts: dict[tuple[str, str], int] = {}
     with MatchReader(matches_path) as reader, pycolmap.Database.open(database_path) as db:
         for name0, name1 in tqdm(pairs, desc="import matches", unit="pair"):
             id0, id1 = image_ids[name0], image_ids[name1]
@@ -152,8 +152,8 @@ def import_matches(
             if min_match_score is not None:
                 matches = matches[scores > min_match_score]
             db.write_matches(id0, id1, matches.astype(np.uint32))
-            total += len(matches)
-    return total
+            counts[(name0, name1)] = len(matches)
+    return counts
 
 
 def verify_matches(

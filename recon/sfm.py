@@ -145,7 +145,8 @@ def _reconstruct(sfm_dir, image_dir, pairs_path, features_path, matches_path, op
     start = time.perf_counter()
     pairs = read_pairs(pairs_path)
     image_ids = import_features(database, image_dir, features_path, options.camera_mode, options.camera_model)
-    num_matches = import_matches(database, image_ids, pairs, matches_path, options.min_match_score)
+    match_counts = import_matches(database, image_ids, pairs, matches_path, options.min_match_score)
+    num_matches = sum(match_counts.values())
     timings["import"] = time.perf_counter() - start
     logger.info("Imported %d pairs with %d raw matches", len(pairs), num_matches)
 
@@ -153,9 +154,13 @@ def _reconstruct(sfm_dir, image_dir, pairs_path, features_path, matches_path, op
     verification = pycolmap.TwoViewGeometryOptions()
     verification.ransac.max_error = options.verification_max_error
     verification.ransac.random_seed = options.random_seed
-    num_verified = verify_matches(database, pairs, sfm_dir, verification)
+    # Pairs with fewer raw matches than a model needs inliers can never verify; COLMAP skips them after reading
+    # them back, we do not hand them over at all (on temple_ring_full most of the 1081 pairs are such).
+    candidates = [pair for pair, count in match_counts.items() if count >= verification.min_num_inliers]
+    num_verified = verify_matches(database, candidates, sfm_dir, verification)
     timings["verify"] = time.perf_counter() - start
-    logger.info("Geometric verification: %d of %d pairs verified", num_verified, len(pairs))
+    logger.info("Geometric verification: %d of %d pairs verified (%d with too few matches to try)",
+                num_verified, len(pairs), len(match_counts) - len(candidates))
 
     start = time.perf_counter()
     staging = sfm_dir / "models.partial"
