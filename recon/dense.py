@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from feature_backends.images import image_size, read_image
 from feature_backends.store import FeatureReader, FeatureWriter, MatchReader, MatchWriter, read_stored_conf
 from pairs.io import read_pairs
 
+from .memo import ByteBudgetCache
 from .stages import extract, split_conf
 
 logger = logging.getLogger(__name__)
@@ -96,24 +96,6 @@ def _split_stage_conf(conf: dict[str, Any], defaults: Mapping[str, Any], other: 
         elif key in other:
             raise ConfigError(f"'{key}' is a setting of the other dense keypoint mode, not of the {mode} mode")
     return stage
-
-
-class _ImageCache:
-    """The last few decoded images (consecutive pairs usually share one)."""
-
-    def __init__(self, image_dir: Path, size: int = 4):
-        self.image_dir, self.size = image_dir, size
-        self.items: OrderedDict[str, np.ndarray] = OrderedDict()
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name in self.items:
-            self.items.move_to_end(name)
-            return self.items[name]
-        image = read_image(self.image_dir / name)
-        self.items[name] = image
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
-        return image
 
 
 def match_dense(
@@ -204,7 +186,7 @@ def match_anchored(model, name: str, pairs: Sequence[tuple[str, str]], image_dir
     min_certainty = float(model.conf.get("min_certainty", 0.0))
     record = {"backend": name, "conf": model.conf.to_dict(), "mode": "anchored",
               "anchors": read_stored_conf(features_path), "radius": radius, "cycle": cycle}
-    images = _ImageCache(image_dir)
+    images = ByteBudgetCache(lambda name: read_image(Path(image_dir) / name), max_bytes=256 << 20)
     with FeatureReader(features_path) as features, MatchWriter(matches_path, conf=record) as writer:
         todo = [pair for pair in pairs if not writer.has(*pair)]
         if len(todo) < len(pairs):
@@ -362,7 +344,7 @@ def match_quantised(model, name: str, pairs: Sequence[tuple[str, str]], image_di
     if max_error < 1 or cell_size < max_error or cell_size % max_error:
         raise ConfigError(f"cell_size ({cell_size}) must be a multiple of max_error ({max_error}) >= 1")
     record = {"backend": name, "conf": model.conf.to_dict(), "mode": "quantised"}
-    images = _ImageCache(image_dir)
+    images = ByteBudgetCache(lambda name: read_image(Path(image_dir) / name), max_bytes=256 << 20)
     failed: set[tuple[str, str]] = set()
     # Pass 1: the network, pair by pair; only sampled matches are kept (on disk).
     with MatchWriter(matches_path, conf=record) as writer:

@@ -11,7 +11,6 @@ silently mixing two configurations in one file.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ from feature_backends.errors import ConfigError, ImageReadError
 from feature_backends.images import iter_images, list_images
 from feature_backends.store import FeatureReader, FeatureWriter, MatchWriter, read_stored_conf
 from pairs.io import check_names, read_pairs
+
+from .memo import ByteBudgetCache
 
 logger = logging.getLogger(__name__)
 
@@ -74,26 +75,6 @@ def extract(
     return Path(export_path)
 
 
-class _FeatureCache:
-    """Features per image, kept in memory up to a byte budget (pairs revisit the same images)."""
-
-    def __init__(self, reader: FeatureReader, max_bytes: int = 1 << 30):
-        self.reader, self.max_bytes, self.bytes = reader, max_bytes, 0
-        self.items: OrderedDict[str, dict] = OrderedDict()
-
-    def __getitem__(self, name: str) -> dict:
-        if name in self.items:
-            self.items.move_to_end(name)
-            return self.items[name]
-        features = self.reader.read(name)
-        self.items[name] = features
-        self.bytes += sum(v.nbytes for v in features.values())
-        while self.bytes > self.max_bytes and len(self.items) > 2:
-            _, evicted = self.items.popitem(last=False)
-            self.bytes -= sum(v.nbytes for v in evicted.values())
-        return features
-
-
 def match(
     conf: Mapping[str, Any] | str,
     pairs_path: str | Path,
@@ -110,7 +91,7 @@ def match(
     record = {"backend": name, "conf": model.conf.to_dict()}
     with FeatureReader(features_path) as reader:
         check_names(pairs, reader.names(), f"pairs file '{pairs_path}'")
-        cache = _FeatureCache(reader)
+        cache = ByteBudgetCache(reader.read, max_bytes=1 << 30)  # pairs revisit the same images
         with MatchWriter(matches_path, conf=record) as writer:
             todo = [pair for pair in pairs if not writer.has(*pair)]
             if len(todo) < len(pairs):
@@ -125,7 +106,7 @@ def match(
     return Path(matches_path)
 
 
-def _batches_by_first_image(pairs, cache: _FeatureCache, max_elements: int = 1 << 25):
+def _batches_by_first_image(pairs, cache: ByteBudgetCache, max_elements: int = 1 << 25):
     """(name0, [name1, ...]) groups in pair order, each small enough that one batched similarity matrix
     (keypoints of name0 x partners x their largest keypoint count) stays under `max_elements`."""
     groups: dict[str, list[str]] = {}
