@@ -188,6 +188,7 @@ def match_anchored(model, name: str, pairs: Sequence[tuple[str, str]], image_dir
               "anchors": read_stored_conf(features_path), "radius": radius, "cycle": cycle}
     images = ByteBudgetCache(lambda name: read_image(Path(image_dir) / name), max_bytes=256 << 20)
     with FeatureReader(features_path) as features, MatchWriter(matches_path, conf=record) as writer:
+        keypoints = ByteBudgetCache(features.read_keypoints, max_bytes=256 << 20)
         todo = [pair for pair in pairs if not writer.has(*pair)]
         if len(todo) < len(pairs):
             logger.info("Resuming: %d of %d pairs already in %s", len(pairs) - len(todo), len(pairs), matches_path)
@@ -202,8 +203,7 @@ def match_anchored(model, name: str, pairs: Sequence[tuple[str, str]], image_dir
                 logger.warning("Skipping pair (%s, %s): %s", name0, name1, error)
                 skipped.append((name0, name1))
                 continue
-            matches0, scores0 = anchor_matches(warp, features.read_keypoints(name0), features.read_keypoints(name1),
-                                               radius, min_certainty, cycle)
+            matches0, scores0 = anchor_matches(warp, keypoints[name0], keypoints[name1], radius, min_certainty, cycle)
             del warp
             writer.write(name0, name1, {"matches0": matches0, "matching_scores0": scores0})
     if skipped:
