@@ -29,7 +29,7 @@ Departures from the official `detect`, all deliberate:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from kornia.feature.dedode.encoder import VGG19
 from kornia.feature.dedode.vgg import vgg11_bn
 from torch import nn
 
-from .dedode import DESCRIPTOR_WEIGHTS, DetectorDescriptorBackend, descriptor_files
+from .dedode import DetectorDescriptorBackend
 from .errors import ConfigError
 from .weights import WeightFile
 
@@ -128,18 +128,9 @@ class DaD(DetectorDescriptorBackend):
     }
     size_multiple = 8
     border_pixels: ClassVar[int] = 4
-    weight_files: ClassVar[dict[str, Any]] = {
-        **{f"detector {name}": (file,) for name, file in DAD_WEIGHTS.items()},
-        **{f"descriptor {name}": descriptor_files(name) for name in DESCRIPTOR_WEIGHTS},
-    }
-
-    def _detector_file(self, conf) -> WeightFile:
-        if conf.detector not in DAD_WEIGHTS:
-            raise ConfigError(f"unknown DaD detector '{conf.detector}'; known: {', '.join(DAD_WEIGHTS)}")
-        return DAD_WEIGHTS[conf.detector]
+    detector_weights = DAD_WEIGHTS
 
     def _build_detector(self, conf, amp_dtype: torch.dtype) -> nn.Module:
-        self._detector_file(conf)
         if conf.nms_size < 1 or conf.nms_size % 2 == 0:
             raise ConfigError(f"nms_size must be an odd positive integer, got {conf.nms_size}")
         return dad_detector(amp_dtype)

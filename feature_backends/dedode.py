@@ -166,8 +166,23 @@ class DetectorDescriptorBackend(LocalFeatures):
             raise WeightsError(f"'{weight.filename}' is not a state dict (got {type(state_dict).__name__})")
         return dict(state_dict)
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.detector_weights:  # every detector and descriptor file, for `recon weights list`
+            cls.weight_files = cls.weight_table()
+
+    @classmethod
+    def weight_table(cls) -> dict[str, tuple[WeightFile, ...]]:
+        return {
+            **{f"detector {name}": (file,) for name, file in cls.detector_weights.items()},
+            **{f"descriptor {name}": descriptor_files(name) for name in DESCRIPTOR_WEIGHTS},
+        }
+
     def _detector_file(self, conf) -> WeightFile:
-        raise NotImplementedError
+        if conf.detector not in self.detector_weights:
+            raise ConfigError(f"unknown {type(self).__name__} detector '{conf.detector}'; "
+                              f"known: {', '.join(self.detector_weights)}")
+        return self.detector_weights[conf.detector]
 
     def _build_detector(self, conf, amp_dtype: torch.dtype) -> nn.Module:
         raise NotImplementedError
@@ -205,18 +220,8 @@ class DeDoDe(DetectorDescriptorBackend):
     }
     size_multiple = 14
     detector_weights = DETECTOR_WEIGHTS
-    weight_files: ClassVar[dict[str, Any]] = {
-        **{f"detector {name}": (file,) for name, file in DETECTOR_WEIGHTS.items()},
-        **{f"descriptor {name}": descriptor_files(name) for name in DESCRIPTOR_WEIGHTS},
-    }
-
-    def _detector_file(self, conf) -> WeightFile:
-        if conf.detector not in DETECTOR_WEIGHTS:
-            raise ConfigError(f"unknown DeDoDe detector '{conf.detector}'; known: {', '.join(DETECTOR_WEIGHTS)}")
-        return DETECTOR_WEIGHTS[conf.detector]
 
     def _build_detector(self, conf, amp_dtype: torch.dtype) -> nn.Module:
-        self._detector_file(conf)  # validates the name before building anything
         return dedode_detector_L(amp_dtype)
 
     def _select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -280,7 +280,7 @@ def _finalise_keypoints(bins: _SubBins, grid: _Grid, max_keypoints: int | None):
         return np.zeros(0, np.int64), np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
     cells = grid.cells_of_bins(keys)
     order = np.lexsort((-weights[:, 0], cells))  # by cell, heaviest sub-bin first
-    cells, keys_sorted, weights = cells[order], keys[order], weights[order]
+    cells, weights = cells[order], weights[order]
     first = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
     cell_keys = cells[first]
     best = weights[first]

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from feature_backends import registry
 from feature_backends.images import list_images
 from pairs.planner import PairOptions, plan, write_plan
 
