@@ -28,6 +28,7 @@ import torch
 
 from .errors import ConfigError
 from .images import resize_image
+from .weights import STEERER_WEIGHTS, load_steerer_generator
 
 REQUIRED = "???"  # a default_conf value that the user must set
 
@@ -257,6 +258,62 @@ class SparseMatcher(Backend):
             "matches0": pred["matches0"][0].cpu().numpy().astype(np.int32),
             "matching_scores0": pred["matching_scores0"][0].float().cpu().numpy().astype(np.float32),
         }
+
+
+class SteerableMatcher(SparseMatcher):
+    """A descriptor matcher that can match rotation-steerable descriptors (Bökman et al., "Steerers", CVPR 2024).
+
+    DeDoDe's C4 and SO2 descriptors are trained so that rotating the image multiplies every descriptor by a fixed
+    matrix, the steerer. Matching them as published takes, for every pair (i, j), the best similarity between
+    descriptor j of image 1 and descriptor i of image 0 steered 0 .. order-1 times (the official
+    `MaxSimilarityMatcher`; kornia's `DescriptorMatcherWithSteerer` in its "local" mode), so a pair rotated by a
+    multiple of the steerer's angle matches as well as an upright one. The steerer is chosen from the descriptor
+    variant recorded in features.h5; `steerer=None` matches them as plain descriptors.
+    """
+
+    default_conf = {
+        "steerer": None,  # None | "C4" | "SO2"
+        "steerer_order": 8,  # SO2 only: angles tried (C4 always tries its 4 quarter turns)
+        "steerer_descriptor": "B",  # which descriptor's steerer file: "B" or "G"
+        "steerer_weights": None,  # explicit steerer file
+    }
+    weight_files: ClassVar[dict[str, Any]] = {f"steerer {name}": (file,) for name, file in STEERER_WEIGHTS.items()}
+
+    @classmethod
+    def conf_for_features(cls, record):
+        if not record or record.get("backend") not in ("dedode", "dad"):
+            return {}
+        net, _, group = str((record.get("conf") or {}).get("descriptor", "B-upright")).partition("-")
+        return {"steerer": group, "steerer_descriptor": net} if group in ("C4", "SO2") else {}
+
+    def _init(self, conf) -> None:
+        self.steerer = None
+        if conf.steerer is None:
+            return
+        from kornia.feature.steerers import DiscreteSteerer
+
+        if conf.steerer not in ("C4", "SO2") or conf.steerer_descriptor not in ("B", "G"):
+            raise ConfigError(f"steerer must be None, 'C4' or 'SO2' and steerer_descriptor 'B' or 'G'; "
+                              f"got {conf.steerer!r}, {conf.steerer_descriptor!r}")
+        self.steerer_order = 4 if conf.steerer == "C4" else int(conf.steerer_order)
+        if self.steerer_order < 1:
+            raise ConfigError(f"steerer_order must be positive, got {conf.steerer_order}")
+        generator = load_steerer_generator(f"{conf.steerer_descriptor}-{conf.steerer}", self.steerer_order,
+                                           conf.steerer_weights)
+        self.steerer = DiscreteSteerer(generator).eval().requires_grad_(False).to(self.device)
+
+    def steered_similarity(
+        self, descriptors0: torch.Tensor, descriptors1: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        """max over k of <steer^k(d0_i), d1_j> for (N0,D), (N1,D) descriptors. With `normalize` (descriptors given
+        unit-norm), every steered set is renormalised as the official matcher does: a learned steerer need not be
+        orthogonal, and the matchers' scores assume unit vectors."""
+        similarity = descriptors0 @ descriptors1.T
+        steered = descriptors0
+        for _ in range(1, self.steerer_order):
+            steered = self.steerer.steer_descriptions(steered, steerer_power=1, normalize=normalize)
+            torch.maximum(similarity, steered @ descriptors1.T, out=similarity)
+        return similarity
 
 
 class DenseMatcher(Backend):

@@ -25,8 +25,9 @@ descriptor, the weight handling and the coordinate conventions.
 
 Variants (kornia's names): detectors L-upright (v1), L-C4, L-SO2 (rotation-steerer releases), L-C4-v2 (DeDoDe v2,
 default); descriptors B-upright (default), G-upright, and the steerer descriptors B-C4, B-SO2, G-C4, G-SO2.
-The steerer descriptors are published to be matched with a steerer (descriptor rotation search); matched with
-the plain matchers here they behave as upright descriptors.
+The steerer descriptors are published to be matched with a steerer (descriptor rotation search): the mnn and
+dual-softmax matchers read the descriptor variant from features.h5 and steer accordingly (steerer files in
+feature_backends.weights.STEERER_WEIGHTS; `--matcher-conf steerer=null` matches them as upright descriptors).
 
 Official SHA-256 values are not published for any of these files (GitHub release pages list none for these
 assets and neither kornia nor the official code pins them), so every entry is unpinned; `recon weights check`

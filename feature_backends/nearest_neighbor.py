@@ -12,6 +12,10 @@ differ: on fountain_p11 pairs 99.998 % of matches0 entries were identical to flo
 Measured on this machine's CPU (AMX, 8192x8000 descriptors, idle): product float32 156 ms, bfloat16 77 ms,
 float16 70 ms; top-k over the result 73 / 66 / 86 ms. The reduced-precision search keeps the best three candidates,
 which the exact rescoring reduces to the best two.
+
+Steerable descriptors (DeDoDe C4/SO2, chosen from features.h5) are matched on the maximum similarity over the
+steered descriptors of image 0 (feature_backends.base.SteerableMatcher), which is one full matrix; the ratio and
+mutual tests are then the same.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from .base import SparseMatcher
+from .base import SteerableMatcher
 
 
 def mutual_nearest_neighbors(
@@ -105,6 +109,22 @@ def one_to_many_nearest_neighbors(
         results.append(_decide(best_sim, best_idx, *pair_col, ratio_threshold, distance_threshold))
         offset += size
     return results
+
+
+def mutual_nearest_neighbors_from_similarity(
+    similarity: torch.Tensor,
+    ratio_threshold: float | None = 0.8,
+    distance_threshold: float | None = None,
+    mutual: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same tests on a given (N0,N1) similarity matrix of unit descriptors (e.g. the maximum over steered
+    descriptors, which no single product gives)."""
+    n0, n1 = similarity.shape
+    best_sim, best_idx = similarity.topk(min(2, n1), dim=1)
+    col_sim = col_idx = None
+    if mutual:
+        col_sim, col_idx = similarity.T.topk(min(2, n0), dim=1)
+    return _decide(best_sim, best_idx, col_sim, col_idx, ratio_threshold, distance_threshold)
 
 
 def _decide(
@@ -194,7 +214,7 @@ def fastest_similarity_dtype(device: torch.device) -> torch.dtype:
     return best if timings[best] < 0.75 * timings[torch.float32] else torch.float32
 
 
-class MutualNearestNeighbor(SparseMatcher):
+class MutualNearestNeighbor(SteerableMatcher):
     default_conf = {
         "ratio_threshold": 0.8,  # Lowe's ratio on Euclidean distances; None disables
         "distance_threshold": None,  # maximum Euclidean distance; None disables
@@ -202,9 +222,16 @@ class MutualNearestNeighbor(SparseMatcher):
     }
 
     def _match(self, data):
+        descriptors0, descriptors1 = data["descriptors0"][0].T.float(), data["descriptors1"][0].T.float()
+        if self.steerer is not None:
+            matches0, scores = mutual_nearest_neighbors_from_similarity(
+                self.steered_similarity(descriptors0, descriptors1), ratio_threshold=self.conf.ratio_threshold,
+                distance_threshold=self.conf.distance_threshold, mutual=self.conf.mutual,
+            )
+            return {"matches0": matches0[None], "matching_scores0": scores[None]}
         matches0, scores = mutual_nearest_neighbors(
-            data["descriptors0"][0].T.float(),
-            data["descriptors1"][0].T.float(),
+            descriptors0,
+            descriptors1,
             ratio_threshold=self.conf.ratio_threshold,
             distance_threshold=self.conf.distance_threshold,
             mutual=self.conf.mutual,
@@ -219,7 +246,7 @@ class MutualNearestNeighbor(SparseMatcher):
         similarity matrix (~140 MB) leaves the cache, which the per-pair one (~9 MB) does not.
         """
         empty = len(features0["keypoints"]) == 0 or any(len(f["keypoints"]) == 0 for f in others)
-        if self.device.type != "cuda" or empty:
+        if self.device.type != "cuda" or empty or self.steerer is not None:
             return super().match_many(features0, others)
         to_tensor = lambda f: torch.from_numpy(np.ascontiguousarray(f["descriptors"].T)).float().to(self.device)  # noqa: E731
         with torch.inference_mode():

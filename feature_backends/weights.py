@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,39 @@ def load_file_safely(path: str | Path) -> Any:
             f"refused to load '{path}': it is not a plain tensor checkpoint loadable with weights_only=True "
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
         ) from error
+
+
+_STEERERS = "https://github.com/georg-bn/rotation-steerers/releases/download/release-2"
+#: Steerers of the DeDoDe "setting C" descriptors (Bökman et al., CVPR 2024), by descriptor variant. Each file is a
+#: bare (256, 256) tensor, not a state dict: for C4 the steerer itself (one quarter turn), for SO2 the Lie-algebra
+#: generator, exponentiated at 2*pi/steerer_order to give a discrete steerer. Names and URLs as in kornia's former
+#: `dedode_steerer_urls` and the official download_weights.sh; no official checksum is published (unpinned).
+STEERER_WEIGHTS: dict[str, WeightFile] = {
+    f"{net}-{group}": WeightFile(
+        f"{net}_{group}_{kind}_steerer_setting_C.pth", f"{_STEERERS}/{net}_{group}_{kind}_steerer_setting_C.pth",
+        note=f"steerer for the {net}-{group} descriptor (steered matching only)",
+    )
+    for net in ("B", "G") for group, kind in (("C4", "Perm"), ("SO2", "Spread"))
+}
+
+
+def load_steerer_generator(variant: str, steerer_order: int, explicit: str | Path | None = None) -> torch.Tensor:
+    """The (D, D) matrix that steers descriptors of `variant` ("B-C4", "G-SO2", ...) by one step.
+
+    C4 files hold that matrix; SO2 files hold the Lie-algebra generator L, and one step is exp(2*pi/order * L),
+    as the official demo discretises it (the SO2 descriptors are then matched at `steerer_order` angles).
+    """
+    if variant not in STEERER_WEIGHTS:
+        raise WeightsError(f"no steerer for '{variant}'; known: {', '.join(STEERER_WEIGHTS)}")
+    weight = STEERER_WEIGHTS[variant]
+    generator = load_checkpoint(weight, explicit)
+    if not (isinstance(generator, torch.Tensor) and generator.ndim == 2 and generator.shape[0] == generator.shape[1]):
+        shape = tuple(generator.shape) if isinstance(generator, torch.Tensor) else type(generator).__name__
+        raise WeightsError(f"'{weight.filename}' is not a square steerer matrix (got {shape})")
+    generator = generator.float()
+    if variant.endswith("SO2"):
+        generator = torch.linalg.matrix_exp((2 * math.pi / steerer_order) * generator)
+    return generator
 
 
 def strip_prefix(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:

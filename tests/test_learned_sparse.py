@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from feature_backends.errors import ConfigError, WeightsError
@@ -440,3 +441,99 @@ def test_pipeline_runs_every_stage(random_weights, synthetic_scene, tmp_path, fe
     with MatchReader(tmp_path / "matches.h5") as reader:
         total = sum(len(reader.read(*pair)[0]) for pair in pairs)
     assert len(pairs) == 3 and total > 0
+
+
+# --- Steered matching (C4 / SO2 descriptors) ------------------------------------------------------------------
+
+def _orbit_responses(image: np.ndarray, keypoints: np.ndarray, filters: torch.Tensor) -> torch.Tensor:
+    """(N, F, 4): responses of every filter turned by 0..3 quarter turns, read at integer (x, y) keypoints.
+
+    Rotating the image by 90 degrees turns every filter's orbit by one step, so these four numbers are cyclically
+    shifted: an exactly C4-equivariant descriptor without any network (random networks are not equivariant).
+    """
+    turned = torch.stack([torch.rot90(filters, r, dims=(1, 2)) for r in range(4)], 1).reshape(-1, 1, *filters.shape[1:])
+    maps = F.conv2d(torch.from_numpy(np.ascontiguousarray(image))[None, None], turned,
+                    padding=filters.shape[-1] // 2)[0]
+    x, y = torch.from_numpy(keypoints[:, 0]), torch.from_numpy(keypoints[:, 1])
+    return maps[:, y, x].T.reshape(len(keypoints), len(filters), 4)
+
+
+def _spread_layout_descriptors(orbits: torch.Tensor) -> torch.Tensor:
+    """Map C4 orbits to the official SO2 "Spread" layout: 128 invariant dims, then 2-D blocks of frequency 1 (x32),
+    2 (x16), 3 (x8), 4 (x4), 5 (x2), 6 (x2). The C4 Fourier coefficient c_j of an orbit turns by j quarter turns when
+    the image turns by one, exactly as the block of frequency j does under exp(pi/2 * generator)."""
+    c = torch.fft.fft(orbits.double(), dim=-1)  # (N, F, 4): c_j = sum_r o_r exp(-2 pi i j r / 4)
+    columns, f = [c[:, :128, 0].real], 128
+    for freq, count in ((1, 32), (2, 16), (3, 8), (4, 4), (5, 2), (6, 2)):
+        coefficient = c[:, f:f + 2 * count, freq % 4]
+        if freq % 2:  # complex coefficient: (Re, Im) of one filter
+            block = torch.stack((coefficient[:, :count].real, coefficient[:, :count].imag), -1)
+        else:  # real coefficient (sign flip or invariant): two filters form the block
+            block = torch.stack((coefficient[:, :count].real, coefficient[:, count:].real), -1)
+        columns.append(block.reshape(len(orbits), -1))
+        f += 2 * count
+    return torch.cat(columns, 1).float()
+
+
+def _spread_generator() -> torch.Tensor:
+    blocks = [torch.zeros(128, 128)]
+    for freq, count in ((1, 32), (2, 16), (3, 8), (4, 4), (5, 2), (6, 2)):
+        blocks += [torch.tensor([[0.0, freq], [-freq, 0.0]])] * count
+    return torch.block_diag(*blocks)
+
+
+@pytest.fixture(scope="module")
+def rotated_pair():
+    """A random texture and its exact 90-degree rotation (np.rot90), with 200 keypoints and their true partners."""
+    rng = np.random.default_rng(7)
+    image = rng.random((72, 88)).astype(np.float32)
+    image = F.avg_pool2d(torch.from_numpy(image)[None, None], 3, stride=1, padding=1)[0, 0].numpy()
+    rotated = np.rot90(image).copy()  # pixel (x, y) goes to (y, W - 1 - x)
+    flat = rng.choice(60 * 76, 200, replace=False)
+    keypoints = np.stack((6 + flat % 76, 6 + flat // 76), 1)
+    partners = np.stack((keypoints[:, 1], image.shape[1] - 1 - keypoints[:, 0]), 1)
+    order = rng.permutation(200)  # image 1 lists its keypoints in another order
+    filters = torch.from_numpy(rng.normal(size=(256, 7, 7)).astype(np.float32))
+    filters -= filters.mean(dim=(1, 2), keepdim=True)
+    return image, rotated, keypoints, partners[order], np.argsort(order), filters
+
+
+def _match_rotated(matcher, descriptors0, descriptors1, keypoints1):
+    n = len(keypoints1)
+    features = [{"keypoints": np.zeros((n, 2), np.float32), "descriptors": d.T.numpy()}
+                for d in (descriptors0, descriptors1)]
+    return matcher.match(*features)["matches0"]
+
+
+@pytest.mark.parametrize("group", ["C4", "SO2"])
+@pytest.mark.parametrize("name, conf", [("mnn", {}), ("dual-softmax", {"threshold": 0.01})])
+def test_steered_matching_recovers_a_quarter_turn(random_weights, rotated_pair, group, name, conf):
+    """Descriptors of an exactly rotated image, exactly equivariant by construction, mixed by a random orthogonal
+    Q (so the steerer Q S Q^T is a random matrix of exact C4 / SO2 structure): unsteered matching finds (almost)
+    none of the 200 true partners, steered matching finds nearly all of them."""
+    image, rotated, keypoints, keypoints1, truth, filters = rotated_pair
+    q = torch.linalg.qr(torch.randn(256, 256, generator=torch.Generator().manual_seed(3)))[0]
+    if group == "C4":
+        from kornia.feature.steerers import DiscreteSteerer
+
+        structure = DiscreteSteerer.create_dedode_default("C4").generator.detach()
+        describe = lambda img, kp: _orbit_responses(img, kp, filters[:64]).reshape(len(kp), 256)  # noqa: E731
+    else:
+        structure = _spread_generator()
+        describe = lambda img, kp: _spread_layout_descriptors(_orbit_responses(img, kp, filters))  # noqa: E731
+    steerer_file = random_weights / f"B_{group}_{'Perm' if group == 'C4' else 'Spread'}_steerer_setting_C.pth"
+    torch.save(q @ structure @ q.T, steerer_file)
+    descriptors0 = F.normalize(describe(image, keypoints) @ q.T, dim=-1)
+    descriptors1 = F.normalize(describe(rotated, keypoints1) @ q.T, dim=-1)
+
+    record = {"backend": "dedode", "conf": {"descriptor": f"B-{group}"}}
+    from feature_backends.registry import resolve
+
+    implied = resolve("matcher", name)[0].conf_for_features(record)
+    assert implied == {"steerer": group, "steerer_descriptor": "B"}
+    steered = get_backend("matcher", name, {**implied, **conf})
+    plain = get_backend("matcher", name, conf)
+    correct_steered = int((_match_rotated(steered, descriptors0, descriptors1, keypoints1) == truth).sum())
+    correct_plain = int((_match_rotated(plain, descriptors0, descriptors1, keypoints1) == truth).sum())
+    assert correct_steered >= 190, correct_steered
+    assert correct_plain <= 20, correct_plain

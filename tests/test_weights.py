@@ -152,3 +152,28 @@ def test_weights_list_and_check_report_learned_backends(isolated, monkeypatch, c
     checked = capsys.readouterr().out
     assert f"unpinned  dad.pth  sha256={hashlib.sha256((isolated / 'env' / 'dad.pth').read_bytes()).hexdigest()}" in checked
     assert "missing   dad_dark.pth" in checked
+
+
+def test_steerer_files_are_square_tensors_and_so2_is_exponentiated(isolated, monkeypatch):
+    """C4 files are the steerer; SO2 files are a Lie-algebra generator L whose discrete step is exp(2 pi / order L):
+    with L = [[0, 1], [-1, 0]] and order 4 that is a quarter turn. A state dict in place of the tensor is refused."""
+    import math
+
+    from feature_backends.weights import STEERER_WEIGHTS, load_steerer_generator
+
+    folder = isolated / "w"
+    folder.mkdir()
+    monkeypatch.setenv("RECON_WEIGHTS_DIR", str(folder))
+    monkeypatch.setenv("RECON_OFFLINE", "1")
+    assert STEERER_WEIGHTS["G-SO2"].filename == "G_SO2_Spread_steerer_setting_C.pth"
+    assert STEERER_WEIGHTS["B-C4"].url.endswith("/release-2/B_C4_Perm_steerer_setting_C.pth")
+    torch.save(torch.tensor([[0.0, 1.0], [-1.0, 0.0]]), folder / "B_SO2_Spread_steerer_setting_C.pth")
+    step = load_steerer_generator("B-SO2", steerer_order=4)
+    torch.testing.assert_close(step, torch.tensor([[0.0, 1.0], [-1.0, 0.0]]), atol=1e-6, rtol=0)
+    step8 = load_steerer_generator("B-SO2", steerer_order=8)
+    torch.testing.assert_close(step8[0, 0], torch.tensor(math.cos(math.pi / 4)))
+    torch.save({"generator": torch.eye(4)}, folder / "B_C4_Perm_steerer_setting_C.pth")
+    with pytest.raises(WeightsError, match="not a square steerer matrix"):
+        load_steerer_generator("B-C4", steerer_order=4)
+    with pytest.raises(WeightsError, match="G_C4_Perm_steerer_setting_C.pth"):
+        load_steerer_generator("G-C4", steerer_order=4)
