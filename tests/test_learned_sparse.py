@@ -33,6 +33,7 @@ def random_weights(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(dedode_detector_L().state_dict(), folder / "dedode_detector_L_v2.pth")
     torch.save(dedode_descriptor_B().state_dict(), folder / "dedode_descriptor_B.pth")
+    torch.save(dedode_descriptor_B().state_dict(), folder / "B_C4_Perm_descriptor_setting_C.pth")
     detector = dad_detector()
     with torch.no_grad():  # random BatchNorm statistics, so that the logits are not flat
         for module in detector.modules():
@@ -537,3 +538,58 @@ def test_steered_matching_recovers_a_quarter_turn(random_weights, rotated_pair, 
     correct_plain = int((_match_rotated(plain, descriptors0, descriptors1, keypoints1) == truth).sum())
     assert correct_steered >= 190, correct_steered
     assert correct_plain <= 20, correct_plain
+
+
+@pytest.mark.slow
+def test_pipeline_runs_dedode_g_with_dinov2_vit_large(random_weights, synthetic_scene, tmp_path):
+    """DeDoDe-G for real: a random DINOv2 ViT-L/14 (304M parameters, 1.2 GB file) and G descriptor found through
+    $RECON_WEIGHTS_DIR, `recon run` on 3 generated images at 112 px. ~40 s on 2 CPU cores, hence `slow`."""
+    from kornia.feature.dedode.transformer.dinov2 import vit_large
+
+    from feature_backends.dedode import build_descriptor_G
+    from feature_backends.store import FeatureReader, MatchReader
+    from pairs.io import read_pairs
+    from recon.pipeline import RunConfig, run
+
+    torch.manual_seed(1)
+    vit = vit_large(img_size=518, patch_size=14, init_values=1.0, ffn_layer="mlp", block_chunks=0)
+    assert sum(p.numel() for p in vit.parameters()) > 300e6
+    torch.save(vit.state_dict(), random_weights / "dinov2_vitl14_pretrain.pth")
+    torch.save(build_descriptor_G(vit.state_dict(), torch.float32).state_dict(), random_weights / "dedode_descriptor_G.pth")
+    del vit
+
+    names = sorted(p.name for p in (synthetic_scene / "images").iterdir())[:3]
+    config = RunConfig(features="dedode", feature_conf={**SMALL, "resize_max": 112, "descriptor": "G-upright"},
+                       matcher="dual-softmax", matcher_conf={"threshold": 0.0}, image_list=names, exports=())
+    try:
+        run(synthetic_scene / "images", tmp_path, config)
+    except ReconError as error:  # random weights: mapping may fail to initialise, nothing else may
+        assert "mapping failed" in str(error)
+    with FeatureReader(tmp_path / "features.h5") as reader:
+        for name in names:
+            feats = reader.read(name)
+            assert feats["descriptors"].shape == (256, len(feats["keypoints"])) and len(feats["keypoints"]) == 128
+            np.testing.assert_allclose(np.linalg.norm(feats["descriptors"], axis=0), 1.0, atol=1e-5)
+    with MatchReader(tmp_path / "matches.h5") as reader:
+        assert sum(len(reader.read(*pair)[0]) for pair in read_pairs(tmp_path / "pairs.txt")) > 0
+
+
+def test_pipeline_steers_c4_descriptors_from_the_features_record(random_weights, synthetic_scene, tmp_path):
+    """`recon run` with the B-C4 descriptor: the match stage picks the C4 steerer from features.h5 by itself."""
+    from kornia.feature.steerers import DiscreteSteerer
+
+    from feature_backends.errors import ReconError
+    from feature_backends.store import read_stored_conf
+    from recon.pipeline import RunConfig, run
+
+    torch.save(DiscreteSteerer.create_dedode_default("C4").generator.detach(),
+               random_weights / "B_C4_Perm_steerer_setting_C.pth")
+    names = sorted(p.name for p in (synthetic_scene / "images").iterdir())[:3]
+    config = RunConfig(features="dedode", feature_conf={**SMALL, "resize_max": 96, "descriptor": "B-C4"},
+                       matcher="mnn", image_list=names, exports=())
+    try:
+        run(synthetic_scene / "images", tmp_path, config)
+    except ReconError as error:
+        assert "mapping failed" in str(error)
+    recorded = read_stored_conf(tmp_path / "matches.h5")["conf"]
+    assert recorded["steerer"] == "C4" and recorded["steerer_descriptor"] == "B"
