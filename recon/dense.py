@@ -19,8 +19,11 @@ surface point gets a slightly different pixel in every pair, and tracks break. T
    extraction stage; per pair, image 0's keypoints are mapped through the dense warp, and a match is the
    nearest keypoint of image 1 within `radius` px that maps back (backward warp of a symmetric matcher: cycle
    consistency) or is mutually nearest (one-directional matchers, as romatch's match_keypoints) and whose
-   certainty exceeds the backend's `min_certainty`. Tracks are consistent by construction: a keypoint is
-   the same object in every pair. Memory holds one warp at a time.
+   certainty exceeds the backend's `min_certainty`. A keypoint is the same object in every pair, but the
+   pairwise rule is not transitive (a->b, b->c, a->c' with c' a few pixels from c), so a union-find over the
+   matches so far refuses any match that would give a track two keypoints of one image (`consistent`); on the
+   generated plane scene this is what removes the last 5 % of observations that shared an image with another
+   observation of their 3D point. Memory holds one warp at a time.
 
 Why our own code: hloc's match_dense needs hloc and a LoFTR-style matcher interface; romatch's match_keypoints
 is a dense (N0 x N1) `cdist` (1.6 GB for two 20k-keypoint images) with the radius in normalised units (so pixels
@@ -60,6 +63,8 @@ QUANTISED_DEFAULTS: dict[str, Any] = {
 ANCHORED_DEFAULTS: dict[str, Any] = {
     "radius": 3.0,  # px in image 1: how far a warped keypoint may land from its match
     "cycle": True,  # with a symmetric warp, require the match to map back to the same keypoint
+    "exclusive": False,  # refuse a match when a second keypoint lies within `radius` of the warped position
+    "consistent": True,  # refuse matches that would give a track two keypoints in one image
 }
 
 
@@ -141,52 +146,124 @@ def match_dense(
 # Anchored mode
 
 
+def _positions(keypoints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct keypoint positions and the first keypoint at each. SIFT returns one keypoint per dominant
+    orientation at the same position (a third of them on textured images): as anchors they are one point, and
+    searching them separately would leave the choice between them to the tie-breaking of the search."""
+    positions, first = np.unique(np.asarray(keypoints, np.float32), axis=0, return_index=True)
+    return positions, first
+
+
+def _nearest(positions: np.ndarray, queries: np.ndarray, radius: float, exclusive: bool):
+    """Index of the nearest position within `radius` of each query (len(positions) = none). With `exclusive`,
+    a query with a second position within `radius` gets none: which of two close keypoints is nearest then
+    depends on sub-pixel noise that differs from pair to pair, so the pairs of a track would disagree."""
+    if exclusive:
+        distance, index = cKDTree(positions).query(queries, k=2, distance_upper_bound=radius)
+        return np.where(np.isfinite(distance[:, 0]) & ~np.isfinite(distance[:, 1]), index[:, 0], len(positions))
+    _, index = cKDTree(positions).query(queries, distance_upper_bound=radius)
+    return index
+
+
 def anchor_matches(warp, keypoints0: np.ndarray, keypoints1: np.ndarray, radius: float, min_certainty: float,
-                   cycle: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """matches0 (N0,) (-1 = none) and scores (N0,) from a dense warp between two keypoint sets."""
+                   cycle: bool = True, exclusive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """matches0 (N0,) (-1 = none) and scores (N0,) from a dense warp between two keypoint sets.
+
+    Keypoints at one position count as one; the match goes to the first of them in each image."""
     n0 = len(keypoints0)
     matches0, scores0 = np.full(n0, -1, np.int32), np.zeros(n0, np.float32)
     if n0 == 0 or len(keypoints1) == 0:
         return matches0, scores0
-    projected0, certainty0 = warp.transfer(keypoints0)
-    distance, nearest1 = cKDTree(keypoints1).query(projected0, distance_upper_bound=radius)
-    valid0 = np.isfinite(distance) & (certainty0 > min_certainty)
-    index0 = np.arange(n0)
+    positions0, first0 = _positions(keypoints0)
+    positions1, first1 = _positions(keypoints1)
+    projected0, certainty0 = warp.transfer(positions0)
+    nearest1 = _nearest(positions1, projected0, radius, exclusive)
+    valid0 = (nearest1 < len(positions1)) & (certainty0 > min_certainty)
+    candidate = np.flatnonzero(valid0)
     if cycle and warp.symmetric:
-        projected1, certainty1 = warp.transfer_back(keypoints1)
-        distance1, nearest0 = cKDTree(keypoints0).query(projected1, distance_upper_bound=radius)
-        valid1 = np.isfinite(distance1) & (certainty1 > min_certainty)
-        candidate = index0[valid0]
+        projected1, certainty1 = warp.transfer_back(positions1)
+        nearest0 = _nearest(positions0, projected1, radius, exclusive)
+        valid1 = (nearest0 < len(positions0)) & (certainty1 > min_certainty)
         back = nearest1[candidate]
         keep = valid1[back] & (nearest0[back] == candidate)
         chosen, partner = candidate[keep], back[keep]
         scores = np.minimum(certainty0[chosen], certainty1[partner])
     else:
         # One direction only: keypoint 1 accepts the nearest of the warped keypoints 0 (mutual nearest).
-        candidate = index0[valid0]
         if len(candidate) == 0:
             return matches0, scores0
-        _, nearest_warped = cKDTree(projected0[candidate]).query(keypoints1, distance_upper_bound=radius)
+        nearest_warped = _nearest(projected0[candidate], positions1, radius, exclusive)
         back = nearest1[candidate]
-        owner = np.full(len(keypoints1) + 1, -1)
+        owner = np.full(len(positions1) + 1, -1)
         found = nearest_warped < len(candidate)
         owner[:-1][found] = candidate[nearest_warped[found]]
         keep = owner[back] == candidate
         chosen, partner = candidate[keep], back[keep]
         scores = certainty0[chosen]
-    matches0[chosen] = partner
-    scores0[chosen] = scores
+    matches0[first0[chosen]] = first1[partner]
+    scores0[first0[chosen]] = scores
     return matches0, scores0
 
 
+class _Tracks:
+    """Union-find over the keypoints matched so far, refusing any match that would join two keypoints of one
+    image into one track. Pairwise rules (nearest within a radius, cycle check) are not transitive: a->b, b->c
+    and a->c' with c != c' happens wherever two keypoints of an image are a few pixels apart, and COLMAP then
+    builds one track with two observations in that image. Matches are taken pair by pair in the order of the
+    pairs file, best score first inside a pair, so a resumed run decides exactly as an uninterrupted one."""
+
+    def __init__(self):
+        self.parent: dict[tuple[int, int], tuple[int, int]] = {}
+        self.images: dict[tuple[int, int], set[int]] = {}
+
+    def _root(self, node):
+        parent = self.parent.setdefault(node, node)
+        if parent == node:
+            self.images.setdefault(node, {node[0]})
+            return node
+        root = self._root(parent)
+        self.parent[node] = root
+        return root
+
+    def add(self, image0: int, image1: int, matches0: np.ndarray, scores0: np.ndarray) -> np.ndarray:
+        """Drop (set to -1) the matches that would make a track inconsistent; union the others."""
+        matches0 = matches0.copy()
+        matched = np.flatnonzero(matches0 >= 0)
+        for index in matched[np.argsort(-scores0[matched], kind="stable")]:
+            root0, root1 = self._root((image0, int(index))), self._root((image1, int(matches0[index])))
+            if root0 == root1:
+                continue
+            images0, images1 = self.images[root0], self.images[root1]
+            if not images0.isdisjoint(images1):
+                matches0[index] = -1
+                continue
+            if len(images0) < len(images1):
+                root0, root1, images0, images1 = root1, root0, images1, images0
+            self.parent[root1] = root0
+            images0 |= images1
+            del self.images[root1]
+        return matches0
+
+
 def match_anchored(model, name: str, pairs: Sequence[tuple[str, str]], image_dir: Path, features_path, matches_path,
-                   radius: float, cycle: bool) -> Path:
+                   radius: float, cycle: bool, exclusive: bool = False, consistent: bool = True) -> Path:
     if not hasattr(model, "warp_images"):
         raise ConfigError(f"dense backend '{name}' does not expose its warp, so it cannot match anchored keypoints")
     min_certainty = float(model.conf.get("min_certainty", 0.0))
     record = {"backend": name, "conf": model.conf.to_dict(), "mode": "anchored",
-              "anchors": read_stored_conf(features_path), "radius": radius, "cycle": cycle}
+              "anchors": read_stored_conf(features_path), "radius": radius, "cycle": cycle,
+              "exclusive": exclusive, "consistent": consistent}
     images = ByteBudgetCache(lambda name: read_image(Path(image_dir) / name), max_bytes=256 << 20)
+    image_ids = {image: i for i, image in enumerate(sorted({n for pair in pairs for n in pair}))}
+    tracks = _Tracks() if consistent else None
+    if tracks is not None and Path(matches_path).is_file():
+        with MatchReader(matches_path) as done:
+            for name0, name1 in pairs:
+                if done.has(name0, name1):
+                    found, scores = done.read(name0, name1)
+                    matches0 = np.full(int(found[:, 0].max()) + 1 if len(found) else 0, -1, np.int64)
+                    matches0[found[:, 0]] = found[:, 1]
+                    tracks.add(image_ids[name0], image_ids[name1], matches0, np.ones(len(matches0)))
     with FeatureReader(features_path) as features, MatchWriter(matches_path, conf=record) as writer:
         keypoints = ByteBudgetCache(features.read_keypoints, max_bytes=256 << 20)
         todo = [pair for pair in pairs if not writer.has(*pair)]
@@ -203,8 +280,12 @@ def match_anchored(model, name: str, pairs: Sequence[tuple[str, str]], image_dir
                 logger.warning("Skipping pair (%s, %s): %s", name0, name1, error)
                 skipped.append((name0, name1))
                 continue
-            matches0, scores0 = anchor_matches(warp, keypoints[name0], keypoints[name1], radius, min_certainty, cycle)
+            matches0, scores0 = anchor_matches(warp, keypoints[name0], keypoints[name1], radius, min_certainty, cycle,
+                                               exclusive)
             del warp
+            if tracks is not None:
+                matches0 = tracks.add(image_ids[name0], image_ids[name1], matches0, scores0)
+                scores0 = np.where(matches0 >= 0, scores0, 0).astype(np.float32)
             writer.write(name0, name1, {"matches0": matches0, "matching_scores0": scores0})
     if skipped:
         logger.warning("%d pairs with unreadable images were skipped", len(skipped))
