@@ -543,10 +543,12 @@ def test_steered_matching_recovers_a_quarter_turn(random_weights, rotated_pair, 
 @pytest.mark.slow
 def test_pipeline_runs_dedode_g_with_dinov2_vit_large(random_weights, synthetic_scene, tmp_path):
     """DeDoDe-G for real: a random DINOv2 ViT-L/14 (304M parameters, 1.2 GB file) and G descriptor found through
-    $RECON_WEIGHTS_DIR, `recon run` on 3 generated images at 112 px. ~40 s on 2 CPU cores, hence `slow`."""
+    $RECON_WEIGHTS_DIR, `recon run` on 3 generated images at 112 px: 15-22 s on 2 CPU cores plus ~6 s to make
+    the weights, hence `slow`."""
     from kornia.feature.dedode.transformer.dinov2 import vit_large
 
     from feature_backends.dedode import build_descriptor_G
+    from feature_backends.errors import ReconError
     from feature_backends.store import FeatureReader, MatchReader
     from pairs.io import read_pairs
     from recon.pipeline import RunConfig, run
