@@ -12,8 +12,8 @@ instead of calling `RegressionMatcher.sample`, for three reasons: (1) romatch dr
 the same pair gives different matches on a re-run; here every pair draws from its own seeded generator, which
 keeps a resumed run identical to an uninterrupted one; (2) romatch's KDE builds the full (4N x 4N) distance
 matrix (40k x 40k for the default 10k matches: 3.2 GB in fp16), here it is computed in row chunks against at
-most `kde_max_points` candidates (a stride subsample, density rescaled), so memory and time stay bounded; (3) the same sampler serves
-DKM, tiny RoMa and the test oracles, which romatch's method (bound to a model) cannot.
+most `kde_max_points` candidates (a stride subsample, density rescaled), so memory and time stay bounded; (3) the
+same sampler serves DKM, tiny RoMa and the test oracles, which romatch's method (bound to a model) cannot.
 """
 
 from __future__ import annotations
@@ -209,7 +209,23 @@ class WarpMatcher(DenseMatcher):
         return warp
 
     def match_images(self, image0: np.ndarray, image1: np.ndarray) -> dict[str, np.ndarray]:
-        warp = self.warp_images(image0, image1)
+        return self._sample(self.warp_images(image0, image1))
+
+    def _sample(self, warp: Warp) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             return warp.sample(self.conf.num_matches, self.conf.sample_thresh, self.conf.seed,
                                self.conf.min_certainty, self.conf.balanced)
+
+    # In a pair stream every image comes back in many pairs. `encode` is the per-image part of the work, whose
+    # result the caller may keep (a flat dict of host arrays, so a byte-budget cache can weigh it) and hand to
+    # `warp_encoded` / `match_encoded` for every pair of that image. By default nothing is precomputed: the
+    # image itself is the encoding and the pair goes through `warp_images`.
+
+    def encode(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        return {"image": image}
+
+    def warp_encoded(self, encoded0: dict[str, np.ndarray], encoded1: dict[str, np.ndarray]) -> Warp:
+        return self.warp_images(encoded0["image"], encoded1["image"])
+
+    def match_encoded(self, encoded0: dict[str, np.ndarray], encoded1: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._sample(self.warp_encoded(encoded0, encoded1))

@@ -15,6 +15,13 @@ romatch's; what this wrapper changes is around it:
   as given, and GIM's RoMa must not be normalised at all (feature_backends.gim).
 - `use_custom_corr` is on only when the optional `fused-local-corr` kernel is importable; romatch defaults it
   to on and then fails with ImportError on Linux without that extra.
+- Each image is encoded once per stage, not once per pair: romatch's match() runs the encoder (VGG pyramid and
+  DINOv2 at the coarse resolution, VGG again at the upsampling one) on both images of every pair, about a third
+  of a pair's time on CPU. `encode` returns those features for the dense stage's byte-budget cache and
+  `warp_encoded` feeds them to romatch's own match() in place of its encoder, so the decoder and everything after
+  it is romatch's code; the result is bit for bit romatch's with its encoder run one image at a time (the parity
+  test), and within float rounding (certainty 1.3e-5) of its batch-of-two encoder. GIM's and MINIMA's RoMa
+  inherit this.
 - Sampling is feature_backends.dense_warp's seeded, memory-bounded reimplementation of romatch's
   threshold_balanced sampling (see that module for why).
 
@@ -30,6 +37,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -192,19 +200,75 @@ class RoMa(WarpMatcher, _StateDictBackend):
         )
         mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         self._mean, self._std = mean.view(1, 3, 1, 1).to(self.device), std.view(1, 3, 1, 1).to(self.device)
+        # romatch's match() reaches the encoder through this one method only; on our instance it hands over the
+        # per-image features of the pair being matched, and everything after the encoder (decoder, certainty
+        # attenuation, symmetric split) stays romatch's code.
+        self._pair: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+        self.model.extract_backbone_features = self._pair_features
 
     def preprocess(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         image = resize_tensor(image, size)
         return (image - self._mean) / self._std if self.conf.normalize else image
 
-    def _warp(self, image0: torch.Tensor, image1: torch.Tensor) -> Warp:
-        coarse0, coarse1 = self.preprocess(image0, self.coarse_res), self.preprocess(image1, self.coarse_res)
-        high_res = {}
-        if self.upsample_res is not None:
-            high_res = {"im_A_high_res": self.preprocess(image0, self.upsample_res),
-                        "im_B_high_res": self.preprocess(image1, self.upsample_res)}
-        warp, certainty = self.model.match(coarse0, coarse1, **high_res)
-        return split_romatch_warp(warp[0], certainty[0], self.conf.symmetric)
+    def _encoder_features(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """romatch's encoder on one image: VGG pyramid + DINOv2 at the coarse resolution, VGG pyramid at the
+        upsampling resolution (romatch re-encodes for its refining pass), as {"coarse.<stride>": ..., ...}."""
+        features = {}
+        passes = [("coarse", self.coarse_res, False)] + ([("fine", self.upsample_res, True)]
+                                                         if self.upsample_res is not None else [])
+        for name, size, upsample in passes:
+            pyramid = self.model.encoder(self.preprocess(image, size), upsample=upsample)
+            features.update({f"{name}.{stride}": value for stride, value in pyramid.items()})
+        return features
+
+    def encode(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Encoder features of one image, for every pair it is in (about 0.5 GB at 560/864 in float32).
+
+        On CPU the encoder is a third of a pair's time and is otherwise run twice per pair. On other devices
+        the image is returned as is: the byte-budget cache weighs host arrays only, and moving features
+        between host and device on every pair would cost about what the encoder does there (not measured).
+        """
+        if self.device.type != "cpu":
+            return {"image": image}
+        with torch.inference_mode(), self.autocast():
+            features = self._encoder_features(self.image_tensor(image))
+        # .numpy() shares memory with the tensors: the cache weighs them without a copy.
+        return {"size": np.array([image.shape[1], image.shape[0]]), **{k: v.numpy() for k, v in features.items()}}
+
+    def _features(self, encoded: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+        if "image" in encoded:
+            image = encoded["image"]
+            return self._encoder_features(self.image_tensor(image)), (image.shape[1], image.shape[0])
+        features = {k: torch.from_numpy(v) for k, v in encoded.items() if k != "size"}
+        return features, tuple(int(v) for v in encoded["size"])
+
+    def _pair_features(self, batch, batched: bool = True, upsample: bool = False) -> dict[int, torch.Tensor]:
+        prefix = "fine." if upsample else "coarse."
+        features0, features1 = self._pair
+        return {int(key[len(prefix):]): torch.cat((features0[key], features1[key]))
+                for key in features0 if key.startswith(prefix)}
+
+    def warp_encoded(self, encoded0: dict[str, np.ndarray], encoded1: dict[str, np.ndarray]) -> Warp:
+        with torch.inference_mode(), self.autocast():
+            (features0, size0), (features1, size1) = self._features(encoded0), self._features(encoded1)
+            # romatch reads only the shapes of its image arguments once the encoder is bypassed.
+            placeholder = torch.zeros(1, 1, 1, 1, device=self.device)
+            high_res = {}
+            if self.upsample_res is not None:
+                fine = placeholder.expand(1, 3, *self.upsample_res)
+                high_res = {"im_A_high_res": fine, "im_B_high_res": fine}
+            coarse = placeholder.expand(1, 3, *self.coarse_res)
+            self._pair = (features0, features1)
+            try:
+                warp, certainty = self.model.match(coarse, coarse, **high_res)
+            finally:
+                self._pair = None
+        warp = split_romatch_warp(warp[0], certainty[0], self.conf.symmetric)
+        warp.size0, warp.size1 = size0, size1
+        return warp
+
+    def warp_images(self, image0: np.ndarray, image1: np.ndarray) -> Warp:
+        return self.warp_encoded(self.encode(image0), self.encode(image1))
 
 
 def split_romatch_warp(warp: torch.Tensor, certainty: torch.Tensor, symmetric: bool) -> Warp:

@@ -142,6 +142,38 @@ def match_dense(
     return Path(features_path), Path(matches_path)
 
 
+# Per-image encodings (e.g. RoMa's encoder features, ~0.5 GB per image at 560/864 in float32) kept for the
+# pairs that revisit an image; the two images of the current pair are always kept whatever their size.
+ENCODED_CACHE_BYTES = 2 << 30
+
+
+def encoded_images(model, image_dir: Path, max_bytes: int = ENCODED_CACHE_BYTES) -> ByteBudgetCache:
+    """Image name → the backend's per-image encoding (`WarpMatcher.encode`; the decoded image for others)."""
+    encode = getattr(model, "encode", lambda image: {"image": image})
+    return ByteBudgetCache(lambda name: encode(read_image(Path(image_dir) / name)), max_bytes=max_bytes)
+
+
+def grouped_by_first_image(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Pairs reordered so that those sharing their first image are consecutive (first appearance order): with
+    an LRU cache of encodings, the first image of a group is encoded once for all its partners."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for pair in pairs:
+        groups.setdefault(pair[0], []).append(pair)
+    return [pair for group in groups.values() for pair in group]
+
+
+def _warp(model, encoded: ByteBudgetCache, name0: str, name1: str):
+    if hasattr(model, "warp_encoded"):
+        return model.warp_encoded(encoded[name0], encoded[name1])
+    return model.warp_images(encoded[name0]["image"], encoded[name1]["image"])
+
+
+def _sampled_matches(model, encoded: ByteBudgetCache, name0: str, name1: str) -> dict[str, np.ndarray]:
+    if hasattr(model, "match_encoded"):
+        return model.match_encoded(encoded[name0], encoded[name1])
+    return model.match_images(encoded[name0]["image"], encoded[name1]["image"])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Anchored mode
 
@@ -253,7 +285,8 @@ def match_anchored(model, name: str, pairs: Sequence[tuple[str, str]], image_dir
     record = {"backend": name, "conf": model.conf.to_dict(), "mode": "anchored",
               "anchors": read_stored_conf(features_path), "radius": radius, "cycle": cycle,
               "exclusive": exclusive, "consistent": consistent}
-    images = ByteBudgetCache(lambda name: read_image(Path(image_dir) / name), max_bytes=256 << 20)
+    encoded = encoded_images(model, image_dir)
+    pairs = grouped_by_first_image(pairs)  # also the order in which tracks take their matches, resumed or not
     image_ids = {image: i for i, image in enumerate(sorted({n for pair in pairs for n in pair}))}
     tracks = _Tracks() if consistent else None
     if tracks is not None and Path(matches_path).is_file():
@@ -275,7 +308,7 @@ def match_anchored(model, name: str, pairs: Sequence[tuple[str, str]], image_dir
                 skipped.append((name0, name1))  # an image the extraction stage could not read
                 continue
             try:
-                warp = model.warp_images(images[name0], images[name1])
+                warp = _warp(model, encoded, name0, name1)
             except ImageReadError as error:
                 logger.warning("Skipping pair (%s, %s): %s", name0, name1, error)
                 skipped.append((name0, name1))
@@ -425,16 +458,16 @@ def match_quantised(model, name: str, pairs: Sequence[tuple[str, str]], image_di
     if max_error < 1 or cell_size < max_error or cell_size % max_error:
         raise ConfigError(f"cell_size ({cell_size}) must be a multiple of max_error ({max_error}) >= 1")
     record = {"backend": name, "conf": model.conf.to_dict(), "mode": "quantised"}
-    images = ByteBudgetCache(lambda name: read_image(Path(image_dir) / name), max_bytes=256 << 20)
+    encoded = encoded_images(model, image_dir)
     failed: set[tuple[str, str]] = set()
     # Pass 1: the network, pair by pair; only sampled matches are kept (on disk).
     with MatchWriter(matches_path, conf=record) as writer:
-        todo = [pair for pair in pairs if not writer.has(*pair)]
+        todo = [pair for pair in grouped_by_first_image(pairs) if not writer.has(*pair)]
         if len(todo) < len(pairs):
             logger.info("Resuming: %d of %d pairs already in %s", len(pairs) - len(todo), len(pairs), matches_path)
         for name0, name1 in tqdm(todo, desc=f"match {name}", unit="pair"):
             try:
-                sampled = model.match_images(images[name0], images[name1])
+                sampled = _sampled_matches(model, encoded, name0, name1)
             except ImageReadError as error:
                 logger.warning("Skipping pair (%s, %s): %s", name0, name1, error)
                 failed.add((name0, name1))

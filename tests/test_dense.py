@@ -252,6 +252,15 @@ def test_anchor_matches_respect_certainty_and_cycle():
     np.testing.assert_array_equal(matches0, [0, -1, 2])
 
 
+@pytest.mark.parametrize("matcher", ["translation-oracle", "sift+translation-oracle"])
+def test_each_image_is_encoded_once_per_stage(crops, oracles, tmp_path, monkeypatch, matcher):
+    image_dir, pairs, _, table = crops  # (a, b), (b, c), (a, c): each image is in two pairs
+    encoded = []
+    monkeypatch.setattr(TranslationOracle, "encode", lambda self, image: encoded.append(1) or {"image": image})
+    match_dense({"name": matcher, "offsets": table}, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    assert len(encoded) == 3
+
+
 def test_stage_keys_of_the_other_mode_are_rejected(crops, oracles, tmp_path):
     image_dir, pairs, _, table = crops
     with pytest.raises(ConfigError, match="other dense keypoint mode"):
@@ -495,17 +504,42 @@ def test_roma_path_matches_romatch_on_real_images(shared_data, roma_checkpoints,
         ours = RoMa.from_checkpoints(roma_checkpoints, {"coarse_res": COARSE, "upsample_res": UPSAMPLE},
                                      device="cpu")
     images = [read_image(p) for p in paths]
-    warp = ours.warp_images(images[0], images[1])
-    # 1. Same input tensors: our wrapper (weights, split of the symmetric warp) reproduces romatch exactly.
-    tensors = [ours.image_tensor(image) for image in images[:2]]
-    reference_warp, reference_certainty = reference.match(
-        ours.preprocess(tensors[0], (COARSE, COARSE)), ours.preprocess(tensors[1], (COARSE, COARSE)),
-        im_A_high_res=ours.preprocess(tensors[0], (UPSAMPLE, UPSAMPLE)),
-        im_B_high_res=ours.preprocess(tensors[1], (UPSAMPLE, UPSAMPLE)))
-    width = reference_warp.shape[2] // 2
-    torch.testing.assert_close(warp.forward, reference_warp[0, :, :width, 2:], atol=1e-5, rtol=0)
-    torch.testing.assert_close(warp.backward, reference_warp[0, :, width:, :2], atol=1e-5, rtol=0)
-    torch.testing.assert_close(warp.certainty, reference_certainty[0, :, :width], atol=1e-5, rtol=0)
+    # 1. Same input tensors: our wrapper (weights, per-image encoder features, split of the symmetric warp)
+    # reproduces romatch's match(), which encodes both images of every pair again. Image 0's encoding is made
+    # once and reused for its two pairs, as the dense stage does through its cache.
+    encoded = [ours.encode(image) for image in images]
+    assert {"coarse.16", "coarse.1", "fine.1"} <= set(encoded[0])  # DINOv2 and both VGG pyramids
+    batched_encoder = reference.extract_backbone_features
+
+    def encoder_per_image(batch, batched=True, upsample=False):  # romatch's encoder, one image at a time
+        first, second = (reference.encoder(batch[k], upsample=upsample) for k in ("im_A", "im_B"))
+        return {stride: torch.cat((first[stride], second[stride])) for stride in first}
+
+    for index in (1, 2):
+        warp = ours.warp_encoded(encoded[0], encoded[index])
+        tensors = [ours.image_tensor(image) for image in (images[0], images[index])]
+        inputs = ([ours.preprocess(t, (COARSE, COARSE)) for t in tensors],
+                  {"im_A_high_res": ours.preprocess(tensors[0], (UPSAMPLE, UPSAMPLE)),
+                   "im_B_high_res": ours.preprocess(tensors[1], (UPSAMPLE, UPSAMPLE))})
+        reference.extract_backbone_features = encoder_per_image
+        exact_warp, exact_certainty = reference.match(*inputs[0], **inputs[1])
+        reference.extract_backbone_features = batched_encoder
+        reference_warp, reference_certainty = reference.match(*inputs[0], **inputs[1])
+        width = reference_warp.shape[2] // 2
+        # Bit for bit romatch's result when its encoder sees one image at a time, as ours does.
+        torch.testing.assert_close(warp.forward, exact_warp[0, :, :width, 2:], atol=0, rtol=0)
+        torch.testing.assert_close(warp.backward, exact_warp[0, :, width:, :2], atol=0, rtol=0)
+        torch.testing.assert_close(warp.certainty, exact_certainty[0, :, :width], atol=0, rtol=0)
+        torch.testing.assert_close(warp.backward_certainty, exact_certainty[0, :, width:], atol=0, rtol=0)
+        # romatch's match() itself encodes the two images as a batch of two; oneDNN then rounds differently,
+        # which moves romatch's own certainty by ~1.3e-5 (measured: same images, batch vs one at a time).
+        torch.testing.assert_close(warp.forward, reference_warp[0, :, :width, 2:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(warp.backward, reference_warp[0, :, width:, :2], atol=1e-5, rtol=0)
+        torch.testing.assert_close(warp.certainty, reference_certainty[0, :, :width], atol=5e-5, rtol=0)
+        torch.testing.assert_close(warp.backward_certainty, reference_certainty[0, :, width:], atol=5e-5, rtol=0)
+    warp = ours.warp_images(images[0], images[1])  # the uncached entry point is the same computation
+    np.testing.assert_array_equal(warp.forward, ours.warp_encoded(encoded[0], encoded[1]).forward)
+    assert warp.size0 == (640, 480)
     # 2. romatch's own file API (PIL decoding and resizing): equal up to PIL's 8-bit rounding of the inputs,
     # far below how much the random network's output moves with the image content.
     file_warp, file_certainty = reference.match(str(paths[0]), str(paths[1]))
@@ -530,6 +564,12 @@ def test_gim_roma_loads_the_lightning_checkpoint_strictly_and_skips_normalisatio
                                        {"coarse_res": COARSE, "upsample": False}, device="cpu")
     image = torch.rand(1, 3, COARSE, COARSE)
     torch.testing.assert_close(gim.preprocess(image, (COARSE, COARSE)), image)  # raw [0, 1] RGB
+    # RoMa's per-image encodings serve GIM's weights too: no upsampling pass, so no fine pyramid.
+    pixels = np.random.default_rng(0).random((90, 120, 3)).astype(np.float32)
+    encoded = gim.encode(pixels)
+    assert "coarse.16" in encoded and not any(key.startswith("fine.") for key in encoded)
+    np.testing.assert_array_equal(gim.warp_encoded(encoded, encoded).forward,
+                                  gim.warp_images(pixels, pixels.copy()).forward)
     missing = dict(lightning["state_dict"])
     missing.pop(next(k for k in missing if "conv_refiner" in k))
     with skip_init(), pytest.raises(WeightsError, match="does not fit"):
