@@ -32,6 +32,7 @@ class ALIKED(LocalFeatures):
         "weights": None,  # explicit checkpoint path
     }
     weight_files: ClassVar[dict[str, Any]] = {name: (file,) for name, file in ALIKED_WEIGHTS.items()}
+    channels_last = True
 
     def _init(self, conf) -> None:
         if conf.variant not in ALIKED_WEIGHTS:
@@ -40,7 +41,7 @@ class ALIKED(LocalFeatures):
         self.model = KorniaALIKED(conf.variant, max_num_keypoints=conf.max_keypoints or -1,
                                   detection_threshold=conf.detection_threshold, nms_radius=conf.nms_radius)
         load_state_dict_strict(self.model, load_checkpoint(weight, conf.weights), weight.filename)
-        self.model.eval().to(self.device)
+        self.prepare_network(self.model)
 
     def _extract(self, image):
         features = self.model(image)[0]

@@ -157,6 +157,27 @@ def _deep_update(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str
     return out
 
 
+def fold_batchnorm(container: torch.nn.Module) -> int:
+    """Fold every BatchNorm2d that directly follows a Conv2d among `container`'s children into that convolution
+    (eval mode only) and return how many were folded. Only for containers whose forward applies the children in
+    order: nn.Sequential always; a ModuleList only when its owner is known to iterate it that way.
+
+    Inference does the same arithmetic up to float rounding (measured max |diff| 3e-7 on DeDoDe's detector logits
+    of magnitude 0.3) and skips one full pass over every feature map per normalisation layer.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    children = list(container._modules.items())
+    folded = 0
+    for (conv_name, conv), (norm_name, norm) in zip(children, children[1:]):
+        if (isinstance(conv, torch.nn.Conv2d) and isinstance(norm, torch.nn.BatchNorm2d) and not norm.training
+                and norm.track_running_stats):
+            container._modules[conv_name] = fuse_conv_bn_eval(conv, norm)
+            container._modules[norm_name] = torch.nn.Identity()
+            folded += 1
+    return folded
+
+
 class LocalFeatures(Backend):
     """Detect and describe keypoints in one image.
 
@@ -177,13 +198,36 @@ class LocalFeatures(Backend):
     #: Descriptor storage dtype in features.h5.
     descriptor_dtype: ClassVar[Any] = np.float32
 
+    #: Run the network and its input in channels_last layout on CPU: oneDNN's convolutions are direct in NHWC
+    #: and reorder every NCHW tensor otherwise (DeDoDe's detector L at 784x518, 2 threads: 6.9 s → 3.7 s; DISK's
+    #: U-Net is slower in it, 7.7 → 9.1 s, so it is opt-in per backend).
+    channels_last: ClassVar[bool] = False
+
+    def prepare_network(self, network: torch.nn.Module, ordered_lists: tuple[torch.nn.Module, ...] = ()) -> torch.nn.Module:
+        """eval(), BatchNorm folded into the preceding convolutions (every nn.Sequential, plus the given ModuleLists
+        that the network applies in order), channels_last where it pays, moved to the device."""
+        network.eval()
+        for module in [*network.modules(), *ordered_lists]:
+            if isinstance(module, torch.nn.Sequential) or any(module is m for m in ordered_lists):
+                fold_batchnorm(module)
+        network.to(self.device)
+        if self._use_channels_last():
+            network.to(memory_format=torch.channels_last)
+        return network
+
+    def _use_channels_last(self) -> bool:
+        return self.channels_last and self.device.type == "cpu"
+
     def _extract(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def _extract_image(self, image: np.ndarray) -> dict[str, np.ndarray | torch.Tensor]:
         """Run the model on the resized (H,W,C) image; non-torch backends (SIFT) override this instead."""
+        tensor = self.to_tensor(image)
+        if self._use_channels_last():
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self.autocast():
-            return self._extract(self.to_tensor(image))
+            return self._extract(tensor)
 
     def extract(self, image: np.ndarray) -> dict[str, np.ndarray]:
         height, width = image.shape[:2]

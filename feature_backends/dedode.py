@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from kornia.feature.dedode.decoder import ConvRefiner, Decoder
 from kornia.feature.dedode.dedode_models import dedode_descriptor_B, dedode_detector_L
 from kornia.feature.dedode.descriptor import DeDoDeDescriptor
-from kornia.feature.dedode.encoder import VGG_DINOv2
+from kornia.feature.dedode.encoder import VGG19, VGG_DINOv2
 from kornia.feature.dedode.utils import sample_keypoints
 from torch import nn
 
@@ -136,6 +136,7 @@ class DetectorDescriptorBackend(LocalFeatures):
         "weights": None,  # explicit path of the detector file, or {"detector"|"descriptor"|"dinov2": path}
     }
     detector_weights: ClassVar[dict[str, WeightFile]] = {}
+    channels_last = True
 
     def _init(self, conf) -> None:
         if conf.descriptor not in DESCRIPTOR_WEIGHTS:
@@ -156,7 +157,9 @@ class DetectorDescriptorBackend(LocalFeatures):
         load_state_dict_strict(self.descriptor, descriptor_state, descriptor_file.filename)
         for network in (self.detector, self.descriptor):
             _set_mixed_precision(network, conf.mixed_precision)
-            network.eval().to(self.device)
+            # kornia's VGG encoders (also inside G's VGG_DINOv2) keep their layers in a ModuleList that forward()
+            # walks in order.
+            self.prepare_network(network, ordered_lists=tuple(m.layers for m in network.modules() if isinstance(m, VGG19)))
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
