@@ -12,6 +12,12 @@ features, so the `features` key is required; `features_from_record` maps the rec
 (backend name and conf) to it. SIFT's LightGlue also reads each keypoint's scale and orientation: the SIFT backend
 stores them as the `scales` (OpenCV keypoint size, pixels of the extraction resolution, as cvg's SIFT extractor
 passes them) and `oris` (radians) datasets. No official SHA-256 is published for these files.
+
+CPU cross-attention: kornia's CrossBlock (like cvg's) computes the (heads, N0, N1) similarity, both softmaxes and
+a contiguous transposed copy explicitly off CUDA, i.e. four N0 x N1 x 4 float matrices per layer (1.6 GB at 5000
+keypoints). `_SDPACrossBlock` computes the same two attentions, softmax(q0 q1^T / sqrt(d)) v1 and
+softmax(q1 q0^T / sqrt(d)) v0, with torch's fused scaled_dot_product_attention, which never materialises them.
+The arithmetic differs only in rounding (kornia's own self-attention already uses that kernel).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from kornia.feature import LightGlue as KorniaLightGlue
+from kornia.feature.lightglue import CrossBlock
 
 from .base import SparseMatcher
 from .errors import ConfigError, WeightsError
@@ -37,6 +45,23 @@ LIGHTGLUE_WEIGHTS = {
 }
 #: Buffers LightGlue computes from its configuration; checkpoints may or may not carry them.
 DERIVED_BUFFERS = frozenset({"confidence_thresholds"})
+
+
+class _SDPACrossBlock(CrossBlock):
+    """kornia's CrossBlock with the CPU attention through the fused kernel (see the module docstring)."""
+
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor, mask: torch.Tensor | None = None):
+        if mask is not None or x0.device.type == "cuda":  # CUDA already uses the fused kernel; masks stay kornia's
+            return super().forward(x0, x1, mask)
+        qk0, qk1 = self.map_(self.to_qk, x0, x1)
+        v0, v1 = self.map_(self.to_v, x0, x1)
+        qk0, qk1, v0, v1 = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2).contiguous()
+                            for t in (qk0, qk1, v0, v1))
+        m0 = F.scaled_dot_product_attention(qk0, qk1, v1)
+        m1 = F.scaled_dot_product_attention(qk1, qk0, v0)
+        m0, m1 = self.map_(lambda t: t.transpose(1, 2).flatten(start_dim=-2), m0, m1)
+        m0, m1 = self.map_(self.to_out, m0, m1)
+        return x0 + self.ffn(torch.cat([x0, m0], -1)), x1 + self.ffn(torch.cat([x1, m1], -1))
 
 
 def features_from_record(record: Mapping[str, Any] | None) -> str | None:
@@ -96,6 +121,9 @@ class LightGlue(SparseMatcher):
             raise WeightsError(f"'{weight.filename}' is not a state dict (got {type(state_dict).__name__})")
         self.load_weights(rename_legacy_keys(state_dict, self.model.conf.n_layers), weight.filename)
         self.model.eval().to(self.device)
+        for block in self.model.modules():
+            if type(block) is CrossBlock:
+                block.__class__ = _SDPACrossBlock
         if conf.features == "sift":
             self.required_inputs = ("keypoints", "descriptors", "scales", "oris")
 
