@@ -8,10 +8,20 @@ Every measurement runs in a fresh subprocess, so peak memory is that process's `
 see torch's allocations) and no measurement inherits another's caches. Both sides get the same image, resized the
 same way, and the same weights; the reference timing includes the same resize and tensor conversion.
 
+Ours and the reference alternate, each `--repeats` times (default 3), and the table reports the median rate and
+the median peak memory of each side: on this shared 2-core machine single runs vary by ±5 % in speed and ±100 MB
+in peak RSS (glibc arenas), more than the differences being measured.
+
+Matching is measured on features extracted beforehand in another process and loaded from an .npz file, so the
+matcher's peak memory is not buried under the extractor's (DISK at 1600 px alone peaks at ~4 GB).
+
 Without `--weights-dir` the networks get random weights of the official shapes (this machine has no pretrained
 files): speed and memory do not depend on the weight values, only on the keypoint counts, which random detectors
-still fill to `max_keypoints`. DaD and the dual-softmax matcher have no installable reference (DaD is not on PyPI,
-DeDoDe's matcher ships only in its git repository), so their reference columns are empty.
+still fill to `max_keypoints`. References: kornia for DeDoDe, DISK, ALIKED, LightGlue and MNN (`match_smnn`);
+for dual-softmax, the official `DualSoftMaxMatcher.match` rule written out in torch as the official code runs it
+(einsum, both softmaxes, `nonzero` of the mutual-max mask), since DeDoDe's matcher ships only in its git
+repository and kornia has no sparse dual-softmax. DaD has no reference implementation to install (not on PyPI,
+no kornia port), so its reference column says so.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -128,19 +139,33 @@ def measure_extraction(side: str, name: str, images: list[str], warmup: int) -> 
     return {"rate": len(decoded) / seconds, "resize_max": conf["resize_max"], "max_keypoints": conf["max_keypoints"]}
 
 
-def measure_matching(side: str, matcher: str, features: str, matcher_conf: dict, images: list[str],
-                     warmup: int) -> dict:
-    import itertools
-
+def extract_for_matching(features: str, images: list[str], features_file: str) -> None:
     import numpy as np
-    import torch
 
     from feature_backends.images import read_image
     from feature_backends.registry import get_backend
 
     extractor = get_backend("features", features, {"normalize_descriptors": False} if features == "dedode" else {},
                             device="cpu")
-    feats = [extractor.extract(read_image(path)) for path in images]
+    arrays = {}
+    for i, path in enumerate(images):
+        for key, value in extractor.extract(read_image(path)).items():
+            arrays[f"{i}/{key}"] = value
+    np.savez(features_file, **arrays)
+
+
+def measure_matching(side: str, matcher: str, features: str, matcher_conf: dict, images: list[str],
+                     warmup: int, features_file: str) -> dict:
+    import itertools
+
+    import numpy as np
+    import torch
+
+    from feature_backends.registry import get_backend
+
+    with np.load(features_file) as stored:
+        feats = [{key.split("/", 1)[1]: stored[key] for key in stored.files if key.startswith(f"{i}/")}
+                 for i in range(len(images))]
     pairs = list(itertools.combinations(range(len(feats)), 2))
     if side == "ours":
         model = get_backend("matcher", matcher, matcher_conf, device="cpu")
@@ -166,6 +191,17 @@ def measure_matching(side: str, matcher: str, features: str, matcher_conf: dict,
         def run(a, b):
             with torch.inference_mode():
                 return match_smnn(torch.from_numpy(a["descriptors"].T), torch.from_numpy(b["descriptors"].T), 0.8)
+    elif matcher == "dual-softmax":
+        def run(a, b):
+            # Official DualSoftMaxMatcher.match(normalize=True, inv_temp=20, threshold=0.1) on one pair.
+            with torch.inference_mode():
+                d0 = torch.from_numpy(np.ascontiguousarray(a["descriptors"].T))[None]
+                d1 = torch.from_numpy(np.ascontiguousarray(b["descriptors"].T))[None]
+                d0, d1 = d0 / d0.norm(dim=-1, keepdim=True), d1 / d1.norm(dim=-1, keepdim=True)
+                corr = torch.einsum("bnd,bmd->bnm", d0, d1) * 20
+                p = corr.softmax(dim=-2) * corr.softmax(dim=-1)
+                mask = (p == p.max(dim=-1, keepdim=True).values) & (p == p.max(dim=-2, keepdim=True).values) & (p > 0.1)
+                return torch.nonzero(mask)
     else:
         return {}
     for i, j in pairs[:warmup]:
@@ -182,9 +218,12 @@ def child(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     if spec["task"] == "extract":
         result = measure_extraction(spec["side"], spec["name"], spec["images"], spec["warmup"])
+    elif spec["task"] == "prepare":
+        extract_for_matching(spec["features"], spec["images"], spec["features_file"])
+        result = {"done": True}
     else:
         result = measure_matching(spec["side"], spec["name"], spec["features"], spec["matcher_conf"],
-                                  spec["images"], spec["warmup"])
+                                  spec["images"], spec["warmup"], spec["features_file"])
     if result:
         result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
@@ -199,6 +238,15 @@ def run_child(spec: dict, env: dict) -> dict:
     raise RuntimeError(f"measurement {spec['task']} {spec['side']} {spec['name']} failed:\n{process.stderr[-2000:]}")
 
 
+def _median(results: list[dict]) -> dict:
+    if not results[0]:
+        return {}
+    merged = dict(results[0])
+    for key in ("rate", "peak_mb"):
+        merged[key] = statistics.median(r[key] for r in results)
+    return merged
+
+
 def fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -209,6 +257,7 @@ def main() -> int:
     parser.add_argument("--num-images", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side; medians are reported")
     parser.add_argument("--weights-dir", type=Path, help="folder with the real weight files (default: random)")
     parser.add_argument("--only", nargs="*", help="backends to run (default: all)")
     parser.add_argument("--markdown", action="store_true")
@@ -226,18 +275,30 @@ def main() -> int:
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     rows = []
     common = {"images": images, "warmup": args.warmup, "threads": args.threads}
+
+    def alternate(spec: dict) -> tuple[dict, dict]:
+        """Ours and the reference in alternation, `--repeats` times; medians of rate and peak memory."""
+        runs = {"ours": [], "reference": []}
+        for _ in range(args.repeats):
+            for side in runs:
+                runs[side].append(run_child({**spec, "side": side}, env))
+        return tuple(_median(runs[side]) for side in ("ours", "reference"))
+
     for name in EXTRACTORS:
         if args.only and name not in args.only:
             continue
-        ours = run_child({**common, "task": "extract", "side": "ours", "name": name}, env)
-        ref = run_child({**common, "task": "extract", "side": "reference", "name": name}, env)
+        ours, ref = alternate({**common, "task": "extract", "name": name})
         rows.append((f"{name} (extract)", f"{ours['resize_max']} px, {ours['max_keypoints']} kp", "img/s", ours, ref))
+    features_dir = Path(tempfile.mkdtemp(prefix="recon-bench-features-"))
     for matcher, features, matcher_conf, _ in MATCHERS:
         if args.only and matcher not in args.only:
             continue
-        spec = {**common, "task": "match", "name": matcher, "features": features, "matcher_conf": matcher_conf}
-        ours = run_child({**spec, "side": "ours"}, env)
-        ref = run_child({**spec, "side": "reference"}, env)
+        features_file = str(features_dir / f"{features}.npz")
+        if not Path(features_file).exists():
+            run_child({**common, "task": "prepare", "side": "ours", "name": features, "features": features,
+                       "features_file": features_file}, env)
+        ours, ref = alternate({**common, "task": "match", "name": matcher, "features": features,
+                               "matcher_conf": matcher_conf, "features_file": features_file})
         rows.append((f"{matcher} (match)", f"on {features}", "pairs/s", ours, ref))
 
     header = ["backend", "setting", "unit", "ours", "reference", "ratio", "ours MB", "ref MB", "mem ratio"]
@@ -245,9 +306,11 @@ def main() -> int:
     for label, setting, unit, ours, ref in rows:
         rate_ratio = ours["rate"] / ref["rate"] if ref else None
         mem_ratio = ours["peak_mb"] / ref["peak_mb"] if ref else None
-        lines.append([label, setting, unit, fmt(ours["rate"], 3), fmt(ref.get("rate"), 3), fmt(rate_ratio),
-                      fmt(ours["peak_mb"], 0), fmt(ref.get("peak_mb"), 0), fmt(mem_ratio)])
-    print(f"CPU, {args.threads} threads, {len(images)} images from {args.images}, "
+        missing = "none installable" if not ref else None
+        lines.append([label, setting, unit, fmt(ours["rate"], 3), missing or fmt(ref.get("rate"), 3), fmt(rate_ratio),
+                      fmt(ours["peak_mb"], 0), missing or fmt(ref.get("peak_mb"), 0), fmt(mem_ratio)])
+    print(f"CPU, {args.threads} threads, {len(images)} images from {args.images}, medians of {args.repeats} "
+          f"alternating runs, "
           f"{'weights from ' + str(args.weights_dir) if args.weights_dir else 'random weights'}")
     if args.markdown:
         print("| " + " | ".join(header) + " |")
