@@ -16,8 +16,8 @@ romatch's; what this wrapper changes is around it:
 - `use_custom_corr` is on only when the optional `fused-local-corr` kernel is importable; romatch defaults it
   to on and then fails with ImportError on Linux without that extra.
 - Each image is encoded once per stage, not once per pair: romatch's match() runs the encoder (VGG pyramid and
-  DINOv2 at the coarse resolution, VGG again at the upsampling one) on both images of every pair, about a third
-  of a pair's time on CPU. `encode` returns those features for the dense stage's byte-budget cache and
+  DINOv2 at the coarse resolution, VGG again at the upsampling one) on both images of every pair, 2 x 7.8 s of
+  a pair's ~80 s at 560/864 on our 2-core CPU (scripts/bench_dense.py). `encode` returns those features for the dense stage's byte-budget cache and
   `warp_encoded` feeds them to romatch's own match() in place of its encoder, so the decoder and everything after
   it is romatch's code; the result is bit for bit romatch's with its encoder run one image at a time (the parity
   test), and within float rounding (certainty 1.3e-5) of its batch-of-two encoder. GIM's and MINIMA's RoMa
@@ -224,7 +224,8 @@ class RoMa(WarpMatcher, _StateDictBackend):
     def encode(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Encoder features of one image, for every pair it is in (about 0.5 GB at 560/864 in float32).
 
-        On CPU the encoder is a third of a pair's time and is otherwise run twice per pair. On other devices
+        On CPU one image takes 7.8 s at 560/864 (2 cores), about a tenth of a pair, and romatch runs it twice per
+        pair. On other devices
         the image is returned as is: the byte-budget cache weighs host arrays only, and moving features
         between host and device on every pair would cost about what the encoder does there (not measured).
         """

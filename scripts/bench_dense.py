@@ -1,17 +1,23 @@
 """Dense matching benchmark: our RoMa path against romatch called directly, and the two keypoint modes.
 
-1. Throughput and peak memory, CPU (or --device), default resolution (coarse 560, upsample 864, symmetric):
-   `RoMa.match_images` (decode once, resize on device, seeded bounded sampling) against romatch's own API
-   (`match(path, path)` + `sample`) on the same image pairs, same weights. Each path runs in a fresh process;
-   peak memory is the highest resident set sampled every 10 ms during matching, minus the resident set after the
-   model is built. Without the official files (offline), both use the same random weights: speed and memory do
-   not depend on the values.
-2. Keypoint modes on a generated scene (recon.synthetic): `recon run` with the scene's ground-truth matcher
-   (tests/test_dense.py:SceneOracle) in quantised mode and anchored on SIFT; keypoints per image, matches, and
-   the mean track length of the model.
+1. Throughput, CPU (or --device), romatch's default resolution (coarse 560, upsample 864, symmetric, 10k
+   matches), on a pair stream where images repeat as in every SfM pair list (all pairs of the first
+   --stream-images images): our dense stage's path (each image decoded and encoded once into the stage's
+   byte-budget cache, `RoMa.match_encoded` per pair, seeded bounded sampling) against romatch's own API
+   (`match(path, path)` + `sample`, which encodes both images of every pair). Both in one process, same weights,
+   alternating pair by pair and which goes first, after one uncounted warm-up pair each. Sampling alone is timed
+   on one random 864x1728 warp. Without the official files (offline) both use the same random weights: speed and
+   memory do not depend on the values.
+2. Peak memory: each path alone in a fresh process, highest resident set sampled every 10 ms over the stream,
+   minus the resident set after the warm-up pair.
+3. Keypoint modes on a generated plane scene (recon.synthetic.make_plane_scene: textured planes, known cameras,
+   occlusion), matched by its exact per-pixel warp (tests/test_dense.py:PlaneOracle, sampled as RoMa samples),
+   through `recon run` in quantised mode and anchored on SIFT: keypoints per image, matches, registered images,
+   points, distinct images per 3D point, share of observations in an image the point is already observed in,
+   observations per point (COLMAP's track length), reprojection error, pose AUC against the known cameras.
 
-    python scripts/bench_dense.py --pairs 2 --markdown
-"""
+    python scripts/bench_dense.py --stream-images 3 --markdown            # everything (about 25 min on 2 cores)
+    python scripts/bench_dense.py --skip-throughput --skip-memory         # keypoint modes only (about 4 min)"""
 
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -88,87 +95,131 @@ def load_checkpoints(use_official: bool):
     return random_roma_checkpoints(), "random"
 
 
-def worker(path: str, images: list[Path], num_pairs: int, device: str, official: bool) -> dict:
+def stream(images: list[Path], stream_images: int) -> tuple[list[tuple[Path, Path]], tuple[Path, Path]]:
+    """Every pair of the first `stream_images` images (each image in several pairs, as in any SfM pair list) and
+    a warm-up pair of two other images."""
+    chosen = images[:stream_images]
+    pairs = [(a, b) for i, a in enumerate(chosen) for b in chosen[i + 1:]]
+    return pairs, (images[stream_images], images[stream_images + 1])
+
+
+def build_path(path: str, checkpoints: dict, device: str, res: tuple[int, int] = (560, 864)):
+    """(match one pair, start a new stream, timing counters) for our dense stage's path or romatch's own API."""
+    counters = {"encodes": 0, "encode_s": 0.0}
+    if path == "ours":
+        from feature_backends.roma import RoMa
+        from recon.dense import encoded_images
+
+        model = RoMa.from_checkpoints(checkpoints, {"coarse_res": res[0], "upsample_res": res[1]}, device=device)
+        encode = model.encode
+
+        def timed_encode(image):
+            start = time.perf_counter()
+            result = encode(image)
+            counters["encodes"] += 1
+            counters["encode_s"] += time.perf_counter() - start
+            return result
+
+        model.encode = timed_encode
+        state = {}
+
+        def reset(folder: Path):  # what the dense stage does at its start: an empty cache of encodings
+            state["cache"] = encoded_images(model, folder)
+
+        def run(a: Path, b: Path):
+            return model.match_encoded(state["cache"][a.name], state["cache"][b.name])
+
+        return run, reset, counters
+    from romatch.models.model_zoo.roma_models import roma_model
+
+    model = roma_model(resolution=(res[0], res[0]), upsample_preds=True, upsample_res=(res[1], res[1]),
+                       weights=checkpoints["weights"], dinov2_weights=checkpoints["dinov2"], device=device,
+                       use_custom_corr=False, symmetric=True)
+
+    def run(a: Path, b: Path):
+        warp, certainty = model.match(str(a), str(b))
+        matches, _ = model.sample(warp[0], certainty[0], num=10000)
+        return model.to_pixel_coordinates(matches, 1, 1, 1, 1)
+
+    return run, (lambda folder: None), counters
+
+
+def worker(path: str, images: list[Path], stream_images: int, device: str, official: bool, res) -> dict:
+    """One path alone in this process: peak resident memory over the stream, above the level after warm-up."""
     import torch
 
     checkpoints, kind = load_checkpoints(official)
-    pairs = [(images[i], images[i + 1]) for i in range(num_pairs)]
-    if path == "ours":
-        from feature_backends.images import read_image
-        from feature_backends.roma import RoMa
-
-        model = RoMa.from_checkpoints(checkpoints, {}, device=device)
-        del checkpoints
-
-        def run(a, b):
-            return model.match_images(read_image(a), read_image(b))
-    else:
-        from romatch.models.model_zoo.roma_models import roma_model
-
-        model = roma_model(resolution=(560, 560), upsample_preds=True, upsample_res=(864, 864),
-                           weights=checkpoints["weights"], dinov2_weights=checkpoints["dinov2"], device=device,
-                           use_custom_corr=False, symmetric=True)
-        del checkpoints
-
-        def run(a, b):
-            warp, certainty = model.match(str(a), str(b))
-            matches, _ = model.sample(warp[0], certainty[0], num=10000)
-            return model.to_pixel_coordinates(matches, 1, 1, 1, 1)
-
-    run(*pairs[0])  # warm-up (first-call allocations, thread pools)
+    run, reset, counters = build_path(path, checkpoints, device, res)
+    del checkpoints
+    pairs, warm_up = stream(images, stream_images)
+    reset(images[0].parent)
+    run(*warm_up)  # first-call allocations, thread pools
+    reset(images[0].parent)
     baseline = resident_bytes()
     with PeakSampler() as sampler:
         start = time.perf_counter()
         for a, b in pairs:
             run(a, b)
         seconds = time.perf_counter() - start
-    return {"path": path, "weights": kind, "pairs": num_pairs, "seconds": seconds,
-            "pairs_per_s": num_pairs / seconds, "peak_mb": (sampler.peak - baseline) / 1e6,
+    return {"path": path, "weights": kind, "pairs": len(pairs), "seconds": seconds,
+            "s_per_pair": seconds / len(pairs), "peak_mb": (sampler.peak - baseline) / 1e6,
             "threads": torch.get_num_threads()}
 
 
-def interleaved(images: list[Path], num_pairs: int, device: str, official: bool) -> dict:
-    """Both paths in one process, pair by pair in alternation, so that load from other processes on a shared
-    machine hits both equally; also times sampling alone (the only non-network step that differs)."""
-    from romatch.models.model_zoo.roma_models import roma_model
-
-    from feature_backends.images import read_image
-    from feature_backends.roma import RoMa, split_romatch_warp
-
+def interleaved(images: list[Path], stream_images: int, device: str, official: bool, res) -> dict:
+    """Both paths in one process, alternating pair by pair (and which goes first), so that load from other
+    processes on a shared machine hits both alike; also times sampling alone."""
     checkpoints, _ = load_checkpoints(official)
-    ours = RoMa.from_checkpoints(checkpoints, {}, device=device)
-    reference = roma_model(resolution=(560, 560), upsample_preds=True, upsample_res=(864, 864),
-                           weights=checkpoints["weights"], dinov2_weights=checkpoints["dinov2"], device=device,
-                           use_custom_corr=False, symmetric=True)
+    paths = {name: build_path(name, checkpoints, device, res) for name in ("ours", "romatch")}
     del checkpoints
-    seconds = {"ours": 0.0, "romatch": 0.0, "ours_sampling": 0.0, "romatch_sampling": 0.0}
-    pairs = [(images[i], images[i + 1]) for i in range(num_pairs + 1)]
-    for index, (a, b) in enumerate(pairs):  # the first pair warms both up and is not counted
-        start = time.perf_counter()
-        ours.match_images(read_image(a), read_image(b))
-        middle = time.perf_counter()
-        warp, certainty = reference.match(str(a), str(b))
-        matches, _ = reference.sample(warp[0], certainty[0], num=10000)
-        end = time.perf_counter()
-        if index:
-            seconds["ours"] += middle - start
-            seconds["romatch"] += end - middle
-    start = time.perf_counter()
-    reference.sample(warp[0], certainty[0], num=10000)
-    seconds["romatch_sampling"] = time.perf_counter() - start
-    ours_warp = split_romatch_warp(warp[0], certainty[0], symmetric=True)
-    ours_warp.size0 = ours_warp.size1 = (640, 480)
-    start = time.perf_counter()
-    ours_warp.sample(10000, 0.05, seed=0)
-    seconds["ours_sampling"] = time.perf_counter() - start
-    return {"pairs": num_pairs, **seconds}
+    pairs, warm_up = stream(images, stream_images)
+    folder = images[0].parent
+    for run, reset, counters in paths.values():  # warm-up pair, not counted, then a fresh stream
+        reset(folder)
+        run(*warm_up)
+        reset(folder)
+        counters.update(encodes=0, encode_s=0.0)
+    per_pair = []
+    for index, (a, b) in enumerate(pairs):
+        order = ("ours", "romatch") if index % 2 == 0 else ("romatch", "ours")
+        row = {"pair": f"{a.stem}-{b.stem}"}
+        for name in order:
+            start = time.perf_counter()
+            paths[name][0](a, b)
+            row[name] = time.perf_counter() - start
+        per_pair.append(row)
+    seconds = {name: sum(row[name] for row in per_pair) for name in paths}
+    return {"pairs": len(pairs), "per_pair": per_pair, **seconds, "ours_encodes": paths["ours"][2]["encodes"],
+            "ours_encode_s": paths["ours"][2]["encode_s"]}
 
 
-def throughput(images: list[Path], num_pairs: int, device: str, official: bool) -> list[dict]:
+def sampling_times(device: str) -> dict:
+    """romatch's sample() against our sampler on the same random symmetric warp at 864x864 (10k matches)."""
+    import torch
+    from romatch.models.matcher import RegressionMatcher
+
+    from feature_backends.roma import split_romatch_warp
+
+    generator = torch.Generator().manual_seed(0)
+    warp = torch.rand(1, 864, 2 * 864, 4, generator=generator) * 2 - 1
+    certainty = torch.rand(1, 864, 2 * 864, generator=generator)
+    settings = SimpleNamespace(sample_mode="threshold_balanced", sample_thresh=0.05)  # all sample() reads
+    start = time.perf_counter()
+    RegressionMatcher.sample(settings, warp[0], certainty[0], num=10000)
+    romatch_s = time.perf_counter() - start
+    ours = split_romatch_warp(warp[0], certainty[0], symmetric=True)
+    ours.size0 = ours.size1 = (640, 480)
+    start = time.perf_counter()
+    ours.sample(10000, 0.05, seed=0)
+    return {"ours_sampling": time.perf_counter() - start, "romatch_sampling": romatch_s}
+
+
+def throughput(images: list[Path], stream_images: int, device: str, official: bool, res) -> list[dict]:
     results = []
     for path in ("ours", "romatch"):
-        command = [sys.executable, __file__, "--worker", path, "--pairs", str(num_pairs), "--device", device,
-                   "--images", str(images[0].parent)] + (["--official"] if official else [])
+        command = [sys.executable, __file__, "--worker", path, "--stream-images", str(stream_images), "--device",
+                   device, "--images", str(images[0].parent), "--res", *map(str, res)]
+        command += ["--official"] if official else []
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
     return results
@@ -242,43 +293,55 @@ def table(rows: list[dict], markdown: bool) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of images matched in sequence")
-    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of images (sorted by name)")
+    parser.add_argument("--stream-images", type=int, default=3,
+                        help="throughput on every pair of the first K images (K(K-1)/2 pairs, each image in K-1)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--res", type=int, nargs=2, default=(560, 864), metavar=("COARSE", "UPSAMPLE"),
+                        help="RoMa resolutions (romatch's defaults; smaller only to try the script out)")
     parser.add_argument("--official", action="store_true", help="use the official weight files (no download)")
     parser.add_argument("--frames", type=int, default=12, help="frames of the generated plane scene")
     parser.add_argument("--oracle-matches", type=int, default=10000, help="samples per pair (RoMa's default)")
     parser.add_argument("--radius", type=float, default=3.0, help="anchored mode: match radius in px")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the separate-process memory runs")
     parser.add_argument("--skip-modes", action="store_true")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--worker", choices=("ours", "romatch", "interleaved"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if args.worker == "interleaved":
-        print(json.dumps(interleaved(images, args.pairs, args.device, args.official)))
+        print(json.dumps(interleaved(images, args.stream_images, args.device, args.official, args.res)))
         return 0
     if args.worker:
-        print(json.dumps(worker(args.worker, images, args.pairs, args.device, args.official)))
+        print(json.dumps(worker(args.worker, images, args.stream_images, args.device, args.official, args.res)))
         return 0
+    if not (args.skip_throughput and args.skip_memory) and len(images) < args.stream_images + 2:
+        parser.error(f"need {args.stream_images + 2} images in {args.images} (stream + warm-up pair)")
+    pairs = args.stream_images * (args.stream_images - 1) // 2
+    setting = (f"RoMa outdoor, coarse {args.res[0]}, upsample {args.res[1]}, symmetric, 10000 matches, {args.device}, "
+               f"{'official' if args.official else 'random'} weights, every pair of the first {args.stream_images} "
+               f"images of {args.images} ({pairs} pairs) after one warm-up pair")
     if not args.skip_throughput:
-        if len(images) < args.pairs + 1:
-            parser.error(f"need {args.pairs + 1} images in {args.images}")
-        rows = throughput(images, args.pairs, args.device, args.official)
-        print(f"RoMa outdoor, coarse 560, upsample 864, symmetric, 10000 matches, {args.device}, "
-              f"{rows[0]['weights']} weights, {rows[0]['threads']} threads, images from {args.images}")
-        print("Separate processes (peak memory; throughput exposed to other load on the machine):")
-        print(table(rows, args.markdown))
-        print(f"throughput ratio ours/romatch: {rows[0]['pairs_per_s'] / rows[1]['pairs_per_s']:.2f}, "
-              f"peak memory ratio: {rows[0]['peak_mb'] / max(rows[1]['peak_mb'], 1e-9):.2f}\n")
-        command = [sys.executable, __file__, "--worker", "interleaved", "--pairs", str(args.pairs), "--device",
-                   args.device, "--images", str(args.images)] + (["--official"] if args.official else [])
+        command = [sys.executable, __file__, "--worker", "interleaved", "--stream-images", str(args.stream_images),
+                   "--device", args.device, "--images", str(args.images), "--res", *map(str, args.res)]
+        command += ["--official"] if args.official else []
         both = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        rows = [{"path": path, "pairs_per_s": both["pairs"] / both[path], "sampling_s": both[f"{path}_sampling"]}
-                for path in ("ours", "romatch")]
-        print("One process, paths alternating pair by pair (throughput):")
+        print(setting)
+        print("One process, the two paths alternating pair by pair (and which goes first):")
+        print(table([{**row, "ratio": row["romatch"] / row["ours"]} for row in both["per_pair"]], args.markdown))
+        print(f"total: ours {both['ours']:.1f} s ({both['ours_encodes']} images encoded in "
+              f"{both['ours_encode_s']:.1f} s), romatch {both['romatch']:.1f} s ({2 * both['pairs']} encodings); "
+              f"throughput ratio ours/romatch: {both['romatch'] / both['ours']:.2f}\n")
+        times = sampling_times(args.device)
+        print(f"sampling 10000 matches from an 864x1728 symmetric warp: ours {times['ours_sampling']:.2f} s, "
+              f"romatch {times['romatch_sampling']:.2f} s\n")
+    if not args.skip_memory:
+        rows = throughput(images, args.stream_images, args.device, args.official, args.res)
+        print(setting)
+        print("Separate processes (peak memory above the level after warm-up):")
         print(table(rows, args.markdown))
-        print(f"throughput ratio ours/romatch: {rows[0]['pairs_per_s'] / rows[1]['pairs_per_s']:.2f}\n")
+        print(f"peak memory ratio ours/romatch: {rows[0]['peak_mb'] / max(rows[1]['peak_mb'], 1e-9):.2f}\n")
     if not args.skip_modes:
         print(f"Keypoint modes, generated plane scene ({args.frames} frames, 640x480), exact dense warp, "
               f"{args.oracle_matches} samples per pair")
