@@ -98,13 +98,17 @@ def _add_sfm_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mapper", default="incremental", choices=["incremental", "global"])
     parser.add_argument("--mapper-option", action="append", metavar="KEY=VALUE",
                         help="pycolmap.IncrementalPipelineOptions field, e.g. mapper.init_min_num_inliers=50")
+    parser.add_argument("--refine-principal-point", default="auto", choices=["auto", "always", "never"],
+                        help="after mapping, free the principal point of shared cameras; 'auto' keeps it only where "
+                             "the BA covariance shows the views determine it (default), 'never' is COLMAP's behaviour")
 
 
 def _sfm_options(args):
     from .sfm import SfMOptions
 
     return SfMOptions(camera_mode=args.camera_mode, camera_model=args.camera_model, mapper=args.mapper,
-                      mapper_options=parse_overrides(args.mapper_option), num_threads=-1)
+                      mapper_options=parse_overrides(args.mapper_option), num_threads=-1,
+                      refine_principal_point=args.refine_principal_point)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ from feature_backends.errors import InputError, ReconError
 from feature_backends.store import list_feature_names
 from pairs.io import read_pairs
 
+from .calibration import refine_principal_points
 from .database import CameraMode, import_features, import_matches, verify_matches
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ class SfMOptions:
     num_threads: int = -1
     random_seed: int = 0
     verification_max_error: float = 4.0
+    #: After mapping: "auto" frees the principal point of shared cameras and keeps it where the views determine
+    #: it (recon.calibration); "never" is COLMAP's fixed centre; "always" keeps every refined one.
+    refine_principal_point: Literal["auto", "always", "never"] = "auto"
     #: Extra pycolmap.IncrementalPipelineOptions fields, checked against pycolmap's option object.
     mapper_options: dict = field(default_factory=dict)
 
@@ -156,7 +160,7 @@ def _reconstruct(sfm_dir, image_dir, pairs_path, features_path, matches_path, op
     verification.ransac.random_seed = options.random_seed
     # Pairs with fewer raw matches than a model needs inliers can never verify; COLMAP skips them after reading
     # them back, we do not hand them over at all (on temple_ring_full most of the 1081 pairs are such).
-    candidates = [pair for pair, count in match_counts.items() if count >= verification.min_num_inliers]
+    candidates = {pair: count for pair, count in match_counts.items() if count >= verification.min_num_inliers}
     num_verified = verify_matches(database, candidates, sfm_dir, verification)
     timings["verify"] = time.perf_counter() - start
     logger.info("Geometric verification: %d of %d pairs verified (%d with too few matches to try)",
@@ -184,6 +188,11 @@ def _reconstruct(sfm_dir, image_dir, pairs_path, features_path, matches_path, op
             f"(see {sfm_dir}/colmap.log.*). Try more pairs, more keypoints or another matcher."
         )
     ordered = sorted(models.values(), key=lambda r: r.num_reg_images(), reverse=True)
+    if options.refine_principal_point != "never":
+        start = time.perf_counter()
+        ordered = [refine_principal_points(model, force=options.refine_principal_point == "always")[0]
+                   for model in ordered]
+        timings["calibrate"] = time.perf_counter() - start
     shutil.rmtree(sparse_root, ignore_errors=True)
     sparse_root.mkdir()
     for index, reconstruction in enumerate(ordered):
