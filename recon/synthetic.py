@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pycolmap
 
+from .eval import CameraGT as Camera  # K, R, t with x_cam = R X + t; pixels in COLMAP's convention (centres at +0.5)
+
 
 @dataclass(frozen=True, kw_only=True)
 class SceneSpec:
@@ -87,17 +89,6 @@ class Plane:
     extent: tuple[float, float]  # metres along axis_u, axis_v
 
 
-@dataclass(frozen=True)
-class Camera:
-    """A pinhole camera in COLMAP's convention: x_colmap = K (R X + t), pixel centres at +0.5."""
-
-    K: np.ndarray
-    R: np.ndarray
-    t: np.ndarray
-
-    @property
-    def centre(self) -> np.ndarray:
-        return -self.R.T @ self.t
 
 
 def _rotated_panel(centre, yaw_deg: float, size: tuple[float, float]) -> Plane:
@@ -160,7 +151,7 @@ def cast_rays(camera: Camera, pixels: np.ndarray, planes=PLANES) -> tuple[np.nda
     """
     homogeneous = np.concatenate([pixels + 0.5, np.ones((len(pixels), 1))], axis=1)
     directions = (np.linalg.inv(camera.K) @ homogeneous.T).T @ camera.R  # world directions with camera z = 1
-    centre = camera.centre
+    centre = camera.center
     best = np.full(len(pixels), np.inf)
     index = np.full(len(pixels), -1)
     coords = np.zeros((len(pixels), 2))
@@ -222,7 +213,7 @@ class PlaneScene:
         plane, depth0, _ = cast_rays(camera0, pixels0)
         homogeneous = np.concatenate([pixels0 + 0.5, np.ones((len(pixels0), 1))], axis=1)
         depth0 = np.where(plane >= 0, depth0, 0.0)  # no surface: projected anywhere, marked invalid below
-        world = camera0.centre + (depth0[:, None] * (np.linalg.inv(camera0.K) @ homogeneous.T).T) @ camera0.R
+        world = camera0.center + (depth0[:, None] * (np.linalg.inv(camera0.K) @ homogeneous.T).T) @ camera0.R
         local = world @ camera1.R.T + camera1.t
         with np.errstate(divide="ignore", invalid="ignore"):
             projected = (local @ camera1.K.T)[:, :2] / local[:, 2:] - 0.5

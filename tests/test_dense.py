@@ -343,7 +343,7 @@ def test_plane_scene_correspondences_are_exact_and_occlusion_aware(plane_scene):
     # Occlusion, not only the frame border: some pixels project inside frame 3 and are still hidden there.
     camera = scene.cameras[3]
     hits = planes >= 0
-    world = scene.cameras[0].centre + (depth[hits, None] * (np.linalg.inv(scene.cameras[0].K) @ np.c_[
+    world = scene.cameras[0].center + (depth[hits, None] * (np.linalg.inv(scene.cameras[0].K) @ np.c_[
         pixels[hits] + 0.5, np.ones(hits.sum())].T).T) @ scene.cameras[0].R
     local = world @ camera.R.T + camera.t
     projected = (local @ camera.K.T)[:, :2] / local[:, 2:] - 0.5
