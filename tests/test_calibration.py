@@ -97,3 +97,20 @@ def test_temple_ring_principal_point_is_rejected_and_full_ring_recovered(shared_
     np.testing.assert_allclose(principal_point(pycolmap.Reconstruction(sparse)), [WIDTH / 2, HEIGHT / 2])
     sparse = run(shared_data / "temple_ring_full", tmp_path / "full", RunConfig(exports=())).sfm.sparse_dir
     assert np.abs(principal_point(pycolmap.Reconstruction(sparse)) - [302.3, 246.9]).max() < 8
+
+
+@pytest.mark.parametrize("record, size, expected", [
+    ({"backend": "sift", "conf": {"resize_max": 1600}}, (640, 480), 2.0),  # detected at full resolution
+    ({"backend": "sift", "conf": {"resize_max": 1600}}, (3200, 2400), 4.0),  # detected at half resolution
+    (None, (640, 480), 4.0),  # e.g. a file written by hloc: COLMAP's threshold
+])
+def test_verification_threshold_follows_the_detection_resolution(tmp_path, record, size, expected):
+    from feature_backends.store import FeatureWriter
+    from recon.sfm import verification_error
+
+    path = tmp_path / "features.h5"
+    with FeatureWriter(path, conf=record) as writer:
+        for name in ("a.png", "b.png"):
+            writer.write(name, {"keypoints": np.zeros((3, 2), np.float32), "descriptors": np.zeros((128, 3), np.float32),
+                                "scores": np.ones(3, np.float32), "image_size": np.array(size)})
+    assert verification_error(path) == pytest.approx(expected)
