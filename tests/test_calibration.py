@@ -65,8 +65,9 @@ def test_off_centre_principal_point_is_recovered():
 def test_centred_principal_point_stays_centred():
     model, _ = mapped_with_centred_principal_point(WIDTH / 2, HEIGHT / 2)
     refined, decisions = refine_principal_points(model)
-    assert len(decisions) == 1
-    assert np.abs(principal_point(refined) - [WIDTH / 2, HEIGHT / 2]).max() < 1.5
+    # the free estimate moves by noise only; a shift the views cannot tell from noise is not taken
+    assert [d.kept for d in decisions] == [False] and "not significant" in decisions[0].reason
+    assert refined is model
 
 
 def test_undetermined_principal_point_keeps_the_model_unchanged():
