@@ -10,8 +10,9 @@ So after the mapper has finished, one more global bundle adjustment frees the pr
 shared by enough registered images, and pycolmap's BA covariance decides, camera by camera, whether the estimate
 is trustworthy: its standard deviation (for one pixel of keypoint noise, which overstates the ~0.3 px of SIFT)
 must be below `max_sigma_fraction` of the image size, the shift below `max_shift_fraction` and significant
-(Mahalanobis distance >= `min_significance`); otherwise that camera keeps COLMAP's centred principal point. Measured with recon's default pipeline against ground truth
-(relative-pose AUC@1/3/5 over all pairs, scripts/bench_sfm.py):
+(Mahalanobis distance >= `min_significance`); otherwise that camera keeps COLMAP's centred principal point.
+Measured with recon's default pipeline against ground truth (relative-pose AUC@1 over all pairs,
+scripts/bench_sfm.py):
 
 | scene              | sigma (px, 1 px noise) | shift (px) | kept | AUC@1 COLMAP / recon before -> after |
 |--------------------|------------------------|------------|------|--------------------------------------|
