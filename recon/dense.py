@@ -50,7 +50,7 @@ from feature_backends.store import FeatureReader, FeatureWriter, MatchReader, Ma
 from pairs.io import read_pairs
 
 from .memo import ByteBudgetCache
-from .stages import extract, split_conf
+from .stages import extract, pending_pairs, split_conf
 
 logger = logging.getLogger(__name__)
 
@@ -299,9 +299,7 @@ def match_anchored(model, name: str, pairs: Sequence[tuple[str, str]], image_dir
                     tracks.add(image_ids[name0], image_ids[name1], matches0, np.ones(len(matches0)))
     with FeatureReader(features_path) as features, MatchWriter(matches_path, conf=record) as writer:
         keypoints = ByteBudgetCache(features.read_keypoints, max_bytes=256 << 20)
-        todo = [pair for pair in pairs if not writer.has(*pair)]
-        if len(todo) < len(pairs):
-            logger.info("Resuming: %d of %d pairs already in %s", len(pairs) - len(todo), len(pairs), matches_path)
+        todo = pending_pairs(writer, pairs, matches_path)
         skipped = []
         for name0, name1 in tqdm(todo, desc=f"match {name} (anchored)", unit="pair"):
             if name0 not in features or name1 not in features:
@@ -462,9 +460,7 @@ def match_quantised(model, name: str, pairs: Sequence[tuple[str, str]], image_di
     failed: set[tuple[str, str]] = set()
     # Pass 1: the network, pair by pair; only sampled matches are kept (on disk).
     with MatchWriter(matches_path, conf=record) as writer:
-        todo = [pair for pair in grouped_by_first_image(pairs) if not writer.has(*pair)]
-        if len(todo) < len(pairs):
-            logger.info("Resuming: %d of %d pairs already in %s", len(pairs) - len(todo), len(pairs), matches_path)
+        todo = pending_pairs(writer, grouped_by_first_image(pairs), matches_path)
         for name0, name1 in tqdm(todo, desc=f"match {name}", unit="pair"):
             try:
                 sampled = _sampled_matches(model, encoded, name0, name1)

@@ -93,9 +93,7 @@ def match(
         check_names(pairs, reader.names(), f"pairs file '{pairs_path}'")
         cache = ByteBudgetCache(reader.read, max_bytes=1 << 30)  # pairs revisit the same images
         with MatchWriter(matches_path, conf=record) as writer:
-            todo = [pair for pair in pairs if not writer.has(*pair)]
-            if len(todo) < len(pairs):
-                logger.info("Resuming: %d of %d pairs already in %s", len(pairs) - len(todo), len(pairs), matches_path)
+            todo = pending_pairs(writer, pairs, matches_path)
             progress = tqdm(total=len(todo), desc=f"match {name}", unit="pair")
             for name0, partners in _batches_by_first_image(todo, cache):
                 results = model.match_many(cache[name0], [cache[name1] for name1 in partners])
@@ -104,6 +102,14 @@ def match(
                 progress.update(len(partners))
             progress.close()
     return Path(matches_path)
+
+
+def pending_pairs(writer, pairs, matches_path) -> list[tuple[str, str]]:
+    """The pairs a match stage still has to compute (in the given order), saying so when it resumes."""
+    todo = [pair for pair in pairs if not writer.has(*pair)]
+    if len(todo) < len(pairs):
+        logger.info("Resuming: %d of %d pairs already in %s", len(pairs) - len(todo), len(pairs), matches_path)
+    return todo
 
 
 def _batches_by_first_image(pairs, cache: ByteBudgetCache, max_elements: int = 1 << 25):
