@@ -76,16 +76,17 @@ def refine_principal_points(
     # barely changes over the few pixels the principal point moves), so undetermined ones never enter the solve:
     # 0.07 s instead of a 1 s adjustment on temple_ring, where the freed principal point would drift 125 px.
     decisions: dict[int, PrincipalPointDecision] = {}
-    sigma_before = {cid: _sigma(c) for cid, c in _sigmas(pycolmap.Reconstruction(reconstruction), eligible,
-                                                              solve=False)[1].items()}
+    _, covariance_before = _free_principal_points(pycolmap.Reconstruction(reconstruction), eligible, solve=False)
+    sigma_before = {cid: _sigma(c) for cid, c in covariance_before.items()}
+    undetermined = f"not determined by these views (sigma > {max_sigma_fraction:.0%} of the image)"
     candidates = set(eligible) if force else {
         cid for cid in eligible if sigma_before[cid] <= max_sigma_fraction * _size(reconstruction.cameras[cid])}
     for cid in eligible - candidates:
         decisions[cid] = PrincipalPointDecision(cid, images_per_camera[cid], 0.0, sigma_before[cid], False,
-                                                f"not determined by these views (sigma > {max_sigma_fraction:.0%} of the image)")
+                                                undetermined)
     trial = reconstruction
     while candidates:
-        trial, pp_covariance = _sigmas(pycolmap.Reconstruction(reconstruction), candidates, solve=True)
+        trial, pp_covariance = _free_principal_points(pycolmap.Reconstruction(reconstruction), candidates, solve=True)
         rejected = set()
         for cid in candidates:
             size = _size(reconstruction.cameras[cid])
@@ -94,7 +95,7 @@ def refine_principal_points(
             if force:
                 kept, reason = True, "forced"
             elif not sigma <= max_sigma_fraction * size:
-                kept, reason = False, f"not determined by these views (sigma > {max_sigma_fraction:.0%} of the image)"
+                kept, reason = False, undetermined
             elif shift > max_shift_fraction * size:
                 kept, reason = False, f"implausible shift (> {max_shift_fraction:.0%} of the image)"
             elif _mahalanobis(offset, pp_covariance[cid]) < min_significance:
@@ -112,18 +113,20 @@ def refine_principal_points(
         # and points it shares with the others.
         candidates -= rejected
         trial = reconstruction
-    for d in sorted(decisions.values(), key=lambda d: d.camera_id):
+    ordered = sorted(decisions.values(), key=lambda d: d.camera_id)
+    for d in ordered:
         logger.info("camera %d (%d images): principal point %s, shift %.1f px, sigma %.2f px — %s", d.camera_id,
                     d.num_images, "refined" if d.kept else "kept at the centre", d.shift_px, d.sigma_px, d.reason)
-    return trial, sorted(decisions.values(), key=lambda d: d.camera_id)
+    return trial, ordered
 
 
 def _size(camera: pycolmap.Camera) -> int:
     return max(camera.width, camera.height)
 
 
-def _sigmas(model: pycolmap.Reconstruction, free: set[int], solve: bool):
-    """(model, {camera: principal-point sigma}) with the given cameras' principal points free, adjusted if `solve`."""
+def _free_principal_points(model: pycolmap.Reconstruction, free: set[int], solve: bool):
+    """(model, {camera: 2x2 principal-point covariance}) with the given cameras' principal points free, the model
+    adjusted in place if `solve`."""
     adjuster = _adjuster(model, free)
     if solve:
         adjuster.solve()
