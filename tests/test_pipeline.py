@@ -109,10 +109,29 @@ def test_rerun_recomputes_nothing(synthetic_scene, synthetic_run, monkeypatch):
         raise AssertionError("recomputed")
 
     monkeypatch.setattr(SIFT, "extract", forbidden)
-    monkeypatch.setattr("pycolmap.incremental_mapping", forbidden)
+    monkeypatch.setattr("recon.sfm._reconstruct_here", forbidden)
+    monkeypatch.setattr("recon.sfm._reconstruct_in_fresh_process", forbidden)
     again = run(synthetic_scene / "images", synthetic_run.out_dir)
     assert again.sfm.num_registered == synthetic_run.sfm.num_registered
     assert again.sfm.num_points == synthetic_run.sfm.num_points
+
+
+def test_sfm_in_a_fresh_process_equals_sfm_here_and_returns_its_errors(synthetic_scene, synthetic_run, tmp_path):
+    from feature_backends.errors import InputError
+    from recon.sfm import SfMOptions, reconstruct
+
+    out = synthetic_run.out_dir
+    inputs = (synthetic_scene / "images", out / "pairs.txt", out / "features.h5", out / "matches.h5")
+    here = reconstruct(tmp_path / "here", *inputs, options=SfMOptions(fresh_process=False))
+    assert synthetic_run.sfm.timings["map"] > 0  # the run mapped in a fresh process and reported its stage times
+    assert (here.num_registered, here.num_points) == (synthetic_run.sfm.num_registered, synthetic_run.sfm.num_points)
+    model_here, model_there = pycolmap.Reconstruction(here.sparse_dir), pycolmap.Reconstruction(out / "sparse" / "0")
+    for image in model_here.images.values():
+        twin = model_there.find_image_with_name(image.name)
+        np.testing.assert_allclose(image.projection_center(), twin.projection_center(), atol=1e-6)
+    # An error raised inside the child reaches the caller with its class and message.
+    with pytest.raises(InputError, match="unknown pycolmap option 'mapper_options.no_such_option'"):
+        reconstruct(tmp_path / "bad", *inputs, options=SfMOptions(mapper_options={"no_such_option": 1}))
 
 
 def test_camera_modes_and_exif_focal(tmp_path):
