@@ -11,6 +11,11 @@ Layout (identical to hloc, so files move both ways):
   int16 matches and float16 keypoints.
 - global-feats.h5: `/<name>/global_descriptor` (D,).
 
+Keypoints added after detection (the anchored dense stage's propagation, `FeatureWriter.append_keypoints`) are
+appended after the detected ones, which keep their indices; `keypoints.attrs['detected']` counts the detected
+ones. An added keypoint was not detected: its descriptor is zeros, its score 0 and any further per-keypoint
+dataset (SIFT's scales, orientations) 0. Its datasets are then chunked and resizable, which hloc reads as any other.
+
 Crash safety: writers work on `<file>.partial` and publish it with an atomic rename at checkpoints (every
 `checkpoint_seconds`, adaptively longer for big files) and on exit, including on exceptions and Ctrl-C. The
 published file is therefore always a complete, closed HDF5 file; a run killed with SIGKILL loses at most the last
@@ -25,7 +30,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +77,10 @@ def _walk_datasets_parent(group: h5py.Group, marker: str, prefix: str = "") -> I
 class _Journal:
     """An HDF5 file opened for appending through a `.partial` copy, published atomically."""
 
-    def __init__(self, path: str | Path, conf: Mapping[str, Any] | None, checkpoint_seconds: float):
+    def __init__(self, path: str | Path, conf: Mapping[str, Any] | None, checkpoint_seconds: float,
+                 before_publish: Callable[[], None] | None = None):
         self.path = Path(path)
+        self.before_publish = before_publish
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.checkpoint_seconds = checkpoint_seconds
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,6 +119,8 @@ class _Journal:
             self.publish(reopen=True)
 
     def publish(self, reopen: bool) -> None:
+        if self.before_publish is not None:  # e.g. publish the keypoints these matches refer to first
+            self.before_publish()
         self.file.flush()
         self.file.close()
         os.replace(self.partial, self.path)
@@ -147,8 +156,9 @@ class _Closing:
 
 
 class _Writer(_Closing):
-    def __init__(self, path: str | Path, conf: Mapping[str, Any] | None = None, checkpoint_seconds: float = 30.0):
-        self._journal = _Journal(path, conf, checkpoint_seconds)
+    def __init__(self, path: str | Path, conf: Mapping[str, Any] | None = None, checkpoint_seconds: float = 30.0,
+                 before_publish: Callable[[], None] | None = None):
+        self._journal = _Journal(path, conf, checkpoint_seconds, before_publish)
         self.path = self._journal.path
 
     @property
@@ -161,6 +171,40 @@ class _Writer(_Closing):
 
     def close(self) -> None:
         self._journal.close()
+
+    def publish(self) -> None:
+        """Publish what was written so far now (a checkpoint out of turn); nothing if nothing was written."""
+        if self._journal.dirty:
+            self._journal.publish(reopen=True)
+
+
+def _per_keypoint_axes(group: h5py.Group, count: int) -> dict[str, int]:
+    """The datasets of an image's features group that hold one entry per keypoint, and along which axis."""
+    axes = {}
+    for key, item in group.items():
+        if key == "image_size" or not isinstance(item, h5py.Dataset) or item.ndim == 0:
+            continue
+        if key == "descriptors" and item.ndim == 2 and item.shape[1] == count:
+            axes[key] = 1
+        elif key != "descriptors" and item.shape[0] == count:
+            axes[key] = 0
+    return axes
+
+
+def _resizable(group: h5py.Group, key: str, axis: int) -> h5py.Dataset:
+    """The dataset, recreated chunked and resizable along `axis` if it was written with a fixed size."""
+    dataset = group[key]
+    if dataset.maxshape[axis] is None:
+        return dataset
+    data, attrs = dataset[()], dict(dataset.attrs)
+    del group[key]
+    maxshape = list(data.shape)
+    maxshape[axis] = None
+    chunks = list(data.shape)
+    chunks[axis] = 1024
+    dataset = group.create_dataset(key, data=data, maxshape=tuple(maxshape), chunks=tuple(max(1, c) for c in chunks))
+    dataset.attrs.update(attrs)
+    return dataset
 
 
 class FeatureWriter(_Writer):
@@ -185,15 +229,54 @@ class FeatureWriter(_Writer):
         self.names.add(name)
         self._committed()
 
+    def append_keypoints(self, name: str, keypoints: np.ndarray) -> None:
+        """Append keypoints that were not detected (see the module docstring) to an image's features."""
+        keypoints = np.asarray(keypoints, np.float32).reshape(-1, 2)
+        if len(keypoints) == 0:
+            return
+        group = self._file[name]
+        count = len(group["keypoints"])
+        if "detected" not in group["keypoints"].attrs:
+            group["keypoints"].attrs["detected"] = count
+        for key, axis in _per_keypoint_axes(group, count).items():
+            dataset = _resizable(group, key, axis)
+            shape = list(dataset.shape)
+            shape[axis] = count + len(keypoints)
+            dataset.resize(tuple(shape))
+            index = (slice(None),) * axis + (slice(count, None),)
+            dataset[index] = keypoints if key == "keypoints" else 0
+        self._committed()
+
+    def truncate_keypoints(self, name: str, count: int) -> None:
+        """Drop appended keypoints from index `count` on (never detected ones)."""
+        group = self._file[name]
+        total, detected = len(group["keypoints"]), int(group["keypoints"].attrs.get("detected", len(group["keypoints"])))
+        if count < detected:
+            raise ValueError(f"'{name}': cannot drop detected keypoints ({count} < {detected})")
+        if count >= total:
+            return
+        for key, axis in _per_keypoint_axes(group, total).items():
+            shape = list(group[key].shape)
+            shape[axis] = count
+            group[key].resize(tuple(shape))
+        self._committed()
+
 
 class MatchWriter(_Writer):
-    """Append pairs to a matches.h5 under hloc's pair key."""
+    """Append pairs to a matches.h5 under hloc's pair key. `before_publish` runs before every publication (for
+    the dense stage: publish the keypoints that the matches refer to first)."""
 
-    def __init__(self, path, conf=None, checkpoint_seconds: float = 30.0):
-        super().__init__(path, conf, checkpoint_seconds)
+    def __init__(self, path, conf=None, checkpoint_seconds: float = 30.0,
+                 before_publish: Callable[[], None] | None = None):
+        super().__init__(path, conf, checkpoint_seconds, before_publish)
 
     def has(self, name0: str, name1: str) -> bool:
         return _find_pair(self._file, name0, name1) is not None
+
+    def read_raw(self, name0: str, name1: str) -> tuple[dict[str, np.ndarray], bool]:
+        """What `MatchReader.read_raw` returns, from the file being written."""
+        key, reversed_ = _find_pair(self._file, name0, name1)
+        return {k: v[()] for k, v in self._file[key].items()}, reversed_
 
     def write(self, name0: str, name1: str, data: Mapping[str, np.ndarray]) -> None:
         key = names_to_pair(name0, name1)
@@ -267,6 +350,11 @@ class FeatureReader(_Reader):
 
     def read_keypoints(self, name: str) -> np.ndarray:
         return self.read(name, ["keypoints"])["keypoints"]
+
+    def keypoint_counts(self, name: str) -> tuple[int, int]:
+        """(keypoints stored, of which detected): see `FeatureWriter.append_keypoints`."""
+        keypoints = self._file[name]["keypoints"]
+        return len(keypoints), int(keypoints.attrs.get("detected", len(keypoints)))
 
     def uncertainty(self, name: str) -> float | None:
         value = self._file[name]["keypoints"].attrs.get("uncertainty")
