@@ -15,6 +15,7 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from feature_backends import registry
+from feature_backends.base import LocalFeatures
 from feature_backends.dense_warp import Warp, WarpMatcher, to_normalized
 from feature_backends.errors import ConfigError
 from feature_backends.store import FeatureReader, MatchReader
@@ -223,7 +224,8 @@ def brute_force_anchor_matches(keypoints0, keypoints1, shift, radius):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_anchored_mode_yields_exactly_the_mutual_neighbours(crops, oracles, tmp_path, symmetric):
     image_dir, pairs, offsets, table = crops
-    conf = {"name": "sift+translation-oracle", "offsets": table, "symmetric": symmetric, "radius": 1.5}
+    conf = {"name": "sift+translation-oracle", "offsets": table, "symmetric": symmetric, "radius": 1.5,
+            "propagate": False}  # the pairwise rule alone (propagation: test_propagation_completes_tracks_...)
     features, matches = match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
     with FeatureReader(features) as reader:
         keypoints = {name: reader.read_keypoints(name) for name in offsets}
@@ -366,9 +368,10 @@ def plane_run(scene, out, matcher, **conf):
 
 
 def test_anchored_tracks_have_one_observation_per_image(plane_scene, oracles, tmp_path):
-    """The exact warp of a plane scene, anchored on SIFT: every image registers, poses are near exact, and no
-    3D point has two observations in one image. Without the track check the pairwise rule alone does
-    produce such points (the same scene, measured), so the assertion is not vacuous."""
+    """The exact warp of a plane scene, anchored on SIFT with keypoint propagation (the default): every image
+    registers, poses are near exact, no 3D point has two observations in one image, and points are seen in more
+    images than without propagation. Without the track check the pairwise rule alone does produce points with
+    two observations in one image (the same scene, measured), so the assertion is not vacuous."""
     result, scores, shared, distinct = plane_run(plane_scene, tmp_path / "a", "sift+plane-oracle")
     print(f"consistent: {result.sfm.num_points} points, {distinct:.2f} images per point, {shared} shared, "
           f"reprojection {result.sfm.mean_reprojection_error:.3f} px, AUC {scores.auc}")
@@ -376,7 +379,12 @@ def test_anchored_tracks_have_one_observation_per_image(plane_scene, oracles, tm
     assert shared == 0
     assert distinct > 3.5 and result.sfm.num_points > 4000
     assert result.sfm.mean_reprojection_error < 0.4 and scores.auc_at(1.0) > 90
-    loose, _, loose_shared, _ = plane_run(plane_scene, tmp_path / "b", "sift+plane-oracle", consistent=False)
+    detected, _, detected_shared, detected_distinct = plane_run(plane_scene, tmp_path / "c", "sift+plane-oracle",
+                                                                propagate=False)
+    print(f"detected keypoints only: {detected.sfm.num_points} points, {detected_distinct:.2f} images per point")
+    assert detected_shared == 0 and distinct > detected_distinct + 0.5
+    loose, _, loose_shared, _ = plane_run(plane_scene, tmp_path / "b", "sift+plane-oracle", consistent=False,
+                                          propagate=False)
     print(f"pairwise only: {loose.sfm.num_points} points, {loose_shared} observations in an image already seen")
     assert loose_shared > 0
 
@@ -392,6 +400,163 @@ def test_track_check_refuses_a_second_keypoint_in_one_image():
     np.testing.assert_array_equal(tracks.add(0, 2, np.array([3, -1, -1, -1]), one), [-1, -1, -1, -1])
     np.testing.assert_array_equal(tracks.add(0, 2, np.array([2, 3, -1, -1]), np.array([0.5, 0.9, 0, 0])),
                                   [2, 3, -1, -1])
+
+
+class GivenKeypoints(LocalFeatures):
+    """A detector that returns the keypoints a test chose for each image ([[image key, [[x, y], ...]], ...])."""
+
+    default_conf = {"table": [], "resize_max": None, "max_keypoints": None}
+
+    def _init(self, conf) -> None:
+        self.table = {key: np.asarray(points, np.float32).reshape(-1, 2) for key, points in conf.table}
+
+    def _extract_image(self, image):
+        keypoints = self.table[image_key(image)]
+        return {"keypoints": keypoints, "descriptors": np.ones((len(keypoints), 8), np.float32),
+                "scores": np.ones(len(keypoints), np.float32)}
+
+
+def tracks_of(matches_path, pairs):
+    """Union of the matches of `pairs`: one list of (image, keypoint) observations per track."""
+    parent = {}
+
+    def root(node):
+        while parent.setdefault(node, node) != node:
+            node = parent[node]
+        return node
+
+    with MatchReader(matches_path) as reader:
+        for name0, name1 in pairs:
+            for i, j in reader.read(name0, name1)[0]:
+                parent[root((name1, int(j)))] = root((name0, int(i)))
+    tracks = {}
+    for node in parent:
+        tracks.setdefault(root(node), []).append(node)
+    return list(tracks.values())
+
+
+def test_propagation_completes_tracks_where_a_keypoint_was_not_detected(crops, oracles, tmp_path, monkeypatch):
+    """Four canvas points, all visible in the three crops: P1 detected everywhere, P2 missing in c, P3 missing
+    in b, P4 detected only in a. Without propagation the tracks are {a,b,c}, {a,b}, {a,c} and nothing for P4; with
+    it every point has one track over all three images, with one observation per image, and the keypoints added
+    sit exactly where the translation puts them (b's added P3/P4 then match c's detected P3 and added P4)."""
+    from feature_backends.images import read_image
+
+    image_dir, pairs, offsets, table = crops
+    monkeypatch.setitem(registry.BACKENDS["features"], "given", f"{__name__}:GivenKeypoints")
+    canvas = np.array([[60.3, 50.7], [80.1, 40.2], [45.5, 70.8], [70.6, 62.4]])
+    detected = {"a.png": [0, 1, 2, 3], "b.png": [0, 1], "c.png": [0, 2]}
+    given = [[image_key(read_image(image_dir / name)), (canvas[index] - offsets[name]).tolist()]
+             for name, index in detected.items()]
+    all_pairs = [("a.png", "b.png"), ("b.png", "c.png"), ("a.png", "c.png")]
+    spans = {}
+    for propagate in (False, True):
+        out = tmp_path / str(propagate)
+        conf = {"name": "given+translation-oracle", "offsets": table, "propagate": propagate}
+        match_dense(conf, pairs, image_dir, out / "f.h5", out / "m.h5", features="given",
+                    feature_conf={"table": given})
+        tracks = tracks_of(out / "m.h5", all_pairs)
+        with FeatureReader(out / "f.h5") as reader:
+            features = {name: reader.read(name) for name in offsets}
+            counts = {name: reader.keypoint_counts(name) for name in offsets}
+        points = {}  # canvas point index → images of its track
+        for track in tracks:
+            images = [name for name, _ in track]
+            assert len(images) == len(set(images))  # one observation per image
+            position = {name: features[name]["keypoints"][index] + offsets[name] for name, index in track}
+            first = next(iter(position.values()))
+            for value in position.values():
+                np.testing.assert_allclose(value, first, atol=1e-3)  # every observation is the same point
+            points[int(np.argmin(np.linalg.norm(canvas - first, axis=1)))] = sorted(images)
+        spans[propagate] = points
+        for name, data in features.items():  # hloc's layout, detected keypoints first and unchanged
+            total = len(data["keypoints"])
+            assert data["descriptors"].shape == (8, total) and data["scores"].shape == (total,)
+            np.testing.assert_array_equal(data["keypoints"][:len(detected[name])],
+                                          (canvas[detected[name]] - offsets[name]).astype(np.float32))
+            np.testing.assert_array_equal(data["descriptors"][:, len(detected[name]):], 0)
+            assert counts[name] == (total, len(detected[name]))
+        with MatchReader(out / "m.h5") as reader:
+            for name0, name1 in all_pairs:
+                assert len(reader.read_raw(name0, name1)[0]["matches0"]) == len(features[name0]["keypoints"])
+    assert spans[False] == {0: ["a.png", "b.png", "c.png"], 1: ["a.png", "b.png"], 2: ["a.png", "c.png"]}
+    assert spans[True] == {index: ["a.png", "b.png", "c.png"] for index in range(4)}
+    # Keypoints that no stored match refers to are dropped: matching again without propagation (a new matches
+    # file) on the features file that propagation extended leaves the detected keypoints only.
+    out = tmp_path / "True"
+    (out / "m.h5").unlink()
+    match_dense({"name": "given+translation-oracle", "offsets": table, "propagate": False}, pairs, image_dir,
+                out / "f.h5", out / "m.h5", features="given", feature_conf={"table": given})
+    with FeatureReader(out / "f.h5") as reader:
+        assert {name: reader.keypoint_counts(name)[0] for name in offsets} == {n: len(i) for n, i in detected.items()}
+        assert reader.read("b.png")["descriptors"].shape == (8, 2)
+    assert len(tracks_of(out / "m.h5", all_pairs)) == 3
+
+
+@pytest.mark.parametrize("interruption", ["interrupt", "matches lost"])
+def test_anchored_propagation_resume_equals_an_uninterrupted_run(crops, oracles, tmp_path, monkeypatch,
+                                                                 interruption):
+    """Stopped at the third pair (Ctrl-C), or killed after the second pair's keypoints were published but before
+    its matches were: the resumed run writes the same keypoints and matches as an uninterrupted one (in the second
+    case it first drops the keypoints that no stored match refers to)."""
+    from feature_backends import store
+
+    image_dir, pairs, offsets, table = crops
+    conf = {"name": "sift+translation-oracle", "offsets": table, "propagate": True}
+    match_dense(conf, pairs, image_dir, tmp_path / "full_f.h5", tmp_path / "full_m.h5")
+    with FeatureReader(tmp_path / "full_f.h5") as full:
+        assert sum(np.subtract(*full.keypoint_counts(name)) for name in offsets) > 5  # propagation did add some
+    original_warp, original_publish = TranslationOracle.warp_images, store._Journal.publish
+    if interruption == "interrupt":
+        calls = []
+
+        def interrupted(self, image0, image1):
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            calls.append(1)
+            return original_warp(self, image0, image1)
+
+        monkeypatch.setattr(TranslationOracle, "warp_images", interrupted)
+    else:
+        publications = []
+
+        def killed(self, reopen):  # the matches file's second publication dies after the keypoints went out
+            if self.path.name == "m.h5" and len(publications) == 1:
+                self.before_publish()
+                self.file.close()
+                raise KeyboardInterrupt
+            if self.path.name == "m.h5":
+                publications.append(1)
+            original_publish(self, reopen)
+
+        monkeypatch.setattr(store._Journal, "publish", killed)
+        monkeypatch.setattr(store._Journal, "maybe_checkpoint", lambda self: self.dirty and self.publish(True))
+    with pytest.raises(KeyboardInterrupt):
+        match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    monkeypatch.undo()
+    monkeypatch.setitem(registry.BACKENDS["dense"], "translation-oracle", f"{__name__}:TranslationOracle")
+    with MatchReader(tmp_path / "m.h5") as reader:
+        stored = sum(reader.has(*pair) for pair in [("a.png", "b.png"), ("a.png", "c.png"), ("b.png", "c.png")])
+    assert stored == (2 if interruption == "interrupt" else 1)
+    if interruption != "interrupt":
+        # The second pair's keypoints were published, its matches were not: keypoints nothing refers to.
+        found = read_matches(tmp_path / "m.h5", "a.png", "b.png")
+        referenced = {"a.png": found[:, 0].max() + 1, "b.png": found[:, 1].max() + 1, "c.png": 0}
+        with FeatureReader(tmp_path / "f.h5") as reader:
+            counts = {name: reader.keypoint_counts(name) for name in offsets}
+        assert any(total > max(detected, referenced[name]) for name, (total, detected) in counts.items()), counts
+    match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    with FeatureReader(tmp_path / "f.h5") as resumed, FeatureReader(tmp_path / "full_f.h5") as full:
+        for name in offsets:
+            a, b = resumed.read(name), full.read(name)
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+            assert resumed.keypoint_counts(name) == full.keypoint_counts(name)
+    with MatchReader(tmp_path / "m.h5") as resumed, MatchReader(tmp_path / "full_m.h5") as full:
+        for pair in [("a.png", "b.png"), ("b.png", "c.png"), ("a.png", "c.png")]:
+            for key in ("matches0", "matching_scores0"):
+                np.testing.assert_array_equal(resumed.read_raw(*pair)[0][key], full.read_raw(*pair)[0][key])
 
 
 def test_memory_stays_flat_over_200_pairs(oracles, tmp_path, monkeypatch):
