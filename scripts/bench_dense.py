@@ -12,7 +12,8 @@
    minus the resident set after the warm-up pair.
 3. Keypoint modes on a generated plane scene (recon.synthetic.make_plane_scene: textured planes, known cameras,
    occlusion), matched by its exact per-pixel warp (tests/test_dense.py:PlaneOracle, sampled as RoMa samples),
-   through `recon run` in quantised mode and anchored on SIFT: keypoints per image, matches, registered images,
+   through `recon run` in quantised mode and anchored on SIFT without and with keypoint propagation: keypoints
+   per image (of which added by propagation), matches, registered images,
    points, distinct images per 3D point, share of observations in an image the point is already observed in,
    observations per point (COLMAP's track length), reprojection error, pose AUC against the known cameras.
 
@@ -259,17 +260,22 @@ def keypoint_modes(num_frames: int, num_matches: int, radius: float) -> list[dic
         scene = make_plane_scene(Path(tmp) / "scene", PlaneSceneSpec(num_frames=num_frames))
         conf = {"scene": str(scene), "num_matches": num_matches}
         for mode, matcher, extra in (("quantised", "plane-oracle", {}),
-                                     ("anchored (SIFT)", "sift+plane-oracle", {"radius": radius})):
-            out = Path(tmp) / matcher
+                                     ("anchored (SIFT)", "sift+plane-oracle", {"radius": radius, "propagate": False}),
+                                     ("anchored (SIFT) + propagation", "sift+plane-oracle",
+                                      {"radius": radius, "propagate": True})):
+            out = Path(tmp) / mode.replace(" ", "_")
             start = time.perf_counter()
             result = run(scene / "images", out, RunConfig(matcher=matcher, matcher_conf={**conf, **extra},
                                                          exports=()))
             with FeatureReader(out / "features.h5") as features:
-                keypoints = [len(features.read_keypoints(n)) for n in features.names()]
+                counts = [features.keypoint_counts(n) for n in features.names()]
+            keypoints = [total for total, _ in counts]
+            added = [total - detected for total, detected in counts]
             with MatchReader(out / "matches.h5") as matches:
                 num_matches_found = sum(len(matches.read(*pair)[0]) for pair in read_pairs(out / "pairs.txt"))
             model = pycolmap.Reconstruction(result.sfm.sparse_dir)
             rows.append({"mode": mode, "keypoints_per_image": sum(keypoints) / len(keypoints),
+                         "added_per_image": sum(added) / len(added),
                          "matches": num_matches_found, "registered": f"{result.sfm.num_registered}/{num_frames}",
                          "points": result.sfm.num_points, **track_statistics(model),
                          "observations_per_point": result.sfm.mean_track_length,
