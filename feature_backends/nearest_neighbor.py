@@ -4,7 +4,10 @@ The whole similarity matrix is computed as one matrix product, split into row ch
 exceed `max_block_elements`; no Python loop runs over keypoints. Descriptors are assumed L2-normalised
 (RootSIFT, DeDoDe, DISK ... are), so the Euclidean distance is sqrt(2 - 2 * similarity).
 
-Speed: the matrix product and the top-k searches over it are the whole cost. For large products, where reduced
+Speed: the matrix product and the top-k searches over it are the whole cost. With the mutual test, the column
+search runs only for the columns that are the nearest neighbour of a row passing its own tests, the only ones
+that can be in a match (same result; on temple_ring_full 9 % of the columns on average, and the matcher went from
+9.2-10.6 to 6.1 ms per pair). For large products, where reduced
 precision is faster (float16 on CUDA; on CPU bfloat16/float16 when the probe finds them faster, e.g. with AMX),
 they run in it, and the best candidates of every row and column are then rescored exactly in float32, so the ratio
 and distance tests see exact values; only the ranking of near-ties (which the ratio test rejects anyway) can
@@ -54,11 +57,20 @@ def mutual_nearest_neighbors(
     best_sim, best_idx = _top_candidates(work0, work1, min(3 if reduced else 2, n1), max_block_elements)
     if reduced:
         best_sim, best_idx = _exact_top(descriptors0, descriptors1, best_idx)
-    col_sim = col_idx = None
-    if mutual:
-        col_sim, col_idx = _top_candidates(work1, work0, min(3 if reduced else 2, n0), max_block_elements)
+    if not mutual:
+        return _decide(best_sim, best_idx, None, None, ratio_threshold, distance_threshold)
+    # Only a column that is the nearest neighbour of a row passing its own tests can end in a match, so only those
+    # columns are searched. Same result as searching all of them; on temple_ring_full pairs that is 9 % of the
+    # columns on average (median 2 %, at most 60 %: most pairs do not overlap and the ratio test rejects most rows).
+    columns = best_idx[_passes(best_sim, ratio_threshold, distance_threshold), 0].unique()
+    k = min(3 if reduced else 2, n0)
+    col_sim = best_sim.new_zeros((n1, min(2, n0)))
+    col_idx = best_idx.new_full((n1, min(2, n0)), -1)
+    if len(columns):
+        found_sim, found_idx = _top_candidates(work1[columns], work0, k, max_block_elements)
         if reduced:
-            col_sim, col_idx = _exact_top(descriptors1, descriptors0, col_idx)
+            found_sim, found_idx = _exact_top(descriptors1[columns], descriptors0, found_idx)
+        col_sim[columns], col_idx[columns] = found_sim, found_idx
     return _decide(best_sim, best_idx, col_sim, col_idx, ratio_threshold, distance_threshold)
 
 
@@ -136,26 +148,26 @@ def _decide(
     distance_threshold: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ratio, distance and mutual tests from the two best candidates of every row (and column, if mutual)."""
-
-    def to_distance(similarity: torch.Tensor) -> torch.Tensor:
-        return (2 - 2 * similarity.float().clamp(-1, 1)).clamp(min=0).sqrt()
-
     n0 = best_sim.shape[0]
-    distance = to_distance(best_sim)
     nearest = best_idx[:, 0]
-    valid = torch.ones(n0, dtype=torch.bool, device=best_sim.device)
-    if ratio_threshold is not None and best_sim.shape[1] == 2:
-        valid &= distance[:, 0] <= ratio_threshold * distance[:, 1]
-    if distance_threshold is not None:
-        valid &= distance[:, 0] <= distance_threshold
+    valid = _passes(best_sim, ratio_threshold, distance_threshold)
     if col_idx is not None:
         valid &= col_idx[nearest, 0] == torch.arange(n0, device=best_sim.device)
-        if ratio_threshold is not None and col_sim.shape[1] == 2:
-            col_distance = to_distance(col_sim)
-            valid &= (col_distance[:, 0] <= ratio_threshold * col_distance[:, 1])[nearest]
+        valid &= _passes(col_sim, ratio_threshold, None)[nearest]
     matches0 = torch.where(valid, nearest, -1)
     scores = torch.where(valid, (best_sim[:, 0].float() + 1) / 2, torch.zeros((), device=best_sim.device))
     return matches0, scores
+
+
+def _passes(similarity: torch.Tensor, ratio_threshold: float | None, distance_threshold: float | None) -> torch.Tensor:
+    """Ratio and distance tests of every row from its two best similarities (N,2) (or one, which has no ratio)."""
+    distance = (2 - 2 * similarity.float().clamp(-1, 1)).clamp(min=0).sqrt()
+    valid = torch.ones(len(similarity), dtype=torch.bool, device=similarity.device)
+    if ratio_threshold is not None and similarity.shape[1] == 2:
+        valid &= distance[:, 0] <= ratio_threshold * distance[:, 1]
+    if distance_threshold is not None:
+        valid &= distance[:, 0] <= distance_threshold
+    return valid
 
 
 def _top_candidates(

@@ -18,6 +18,11 @@ same assumption as recon's default `--camera-mode single`. `--colmap-camera-mode
 
 A "max" row is skipped when every image of the scene is already within the size limit (it would repeat the
 default run). Results are also written to OUT/results.json.
+
+`--repeat N` runs the two pipelines N times, alternating, and reports per-stage medians, the range of the totals
+and the ratio of the median totals: on a shared 2-core VM the same run varies by ±20 %, which one pair of runs
+cannot tell from a real difference. Quality figures come from the run with the median total (recon's are
+deterministic; COLMAP's AUC moves by a few tenths between runs).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import functools
 import json
 import math
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -72,10 +78,25 @@ class BenchRow:
     detail: dict[str, float] = field(default_factory=dict)  # the pipeline's own finer timings
     result: EvalResult | None = None
     error: str | None = None
+    totals: list[float] = field(default_factory=list)  # one per repeat
 
     @property
     def total(self) -> float:
+        if self.totals:
+            return statistics.median(self.totals)
         return sum(self.times.values()) if self.times else math.nan
+
+
+def median_row(runs: list[BenchRow]) -> BenchRow:
+    """One row from repeated runs: per-stage median times, all totals, the median-total run's quality figures."""
+    finished = [run for run in runs if run.result is not None]
+    if not finished:
+        return runs[-1]
+    totals = [sum(run.times.values()) for run in finished]
+    median_run = finished[sorted(range(len(finished)), key=totals.__getitem__)[(len(finished) - 1) // 2]]
+    times = {stage: statistics.median(run.times[stage] for run in finished) for stage in median_run.times}
+    return BenchRow(median_run.scene, median_run.method, median_run.setting, times, median_run.detail,
+                    median_run.result, None, totals)
 
 
 def max_image_side(image_dir: Path, names: list[str]) -> int:
@@ -138,7 +159,7 @@ def run_recon(image_dir: Path, names: list[str], work: Path, max_size: int | Non
 
 
 def bench_scene(scene: Scene, data_dir: Path, out_dir: Path, runners: dict[str, Callable], settings: list[str],
-                max_size: int) -> list[BenchRow]:
+                max_size: int, repeat: int = 1) -> list[BenchRow]:
     scene_dir = data_dir / scene.name
     image_dir = (scene_dir / scene.images).resolve()
     names = list_images(image_dir)
@@ -152,25 +173,29 @@ def bench_scene(scene: Scene, data_dir: Path, out_dir: Path, runners: dict[str, 
         if limit is not None and largest_side <= limit:
             print(f"[{scene.name}] skipping '{label}': images are already {largest_side}px or smaller", flush=True)
             continue
-        for method, runner in runners.items():
-            row = BenchRow(scene.name, method, label)
-            work = out_dir / scene.name / f"{method}-{setting}"
-            if work.exists():
-                shutil.rmtree(work)
-            work.mkdir(parents=True)
-            print(f"[{scene.name}] {method} ({label}) on {len(names)} images ...", flush=True)
-            try:
-                model_dir, row.times, row.detail = runner(image_dir, names, work, limit)
-                if model_dir is None:
-                    row.error = "no model"
-                else:
-                    row.result = evaluate(model_dir, gt)
-            except ImportError as error:
-                row.error = f"unavailable ({error})"
-            except (ReconError, RuntimeError) as error:  # one failed run must not lose the others' rows
-                row.error = f"failed: {error}"
-            print(f"[{scene.name}] {method} ({label}): " + _summary(row), flush=True)
-            rows.append(row)
+        runs: dict[str, list[BenchRow]] = {method: [] for method in runners}
+        for attempt in range(repeat):
+            for method, runner in runners.items():
+                row = BenchRow(scene.name, method, label)
+                work = out_dir / scene.name / f"{method}-{setting}"
+                if work.exists():
+                    shutil.rmtree(work)
+                work.mkdir(parents=True)
+                print(f"[{scene.name}] {method} ({label}) on {len(names)} images, run {attempt + 1}/{repeat} ...",
+                      flush=True)
+                try:
+                    model_dir, row.times, row.detail = runner(image_dir, names, work, limit)
+                    if model_dir is None:
+                        row.error = "no model"
+                    else:
+                        row.result = evaluate(model_dir, gt)
+                except ImportError as error:
+                    row.error = f"unavailable ({error})"
+                except (ReconError, RuntimeError) as error:  # one failed run must not lose the others' rows
+                    row.error = f"failed: {error}"
+                print(f"[{scene.name}] {method} ({label}): " + _summary(row), flush=True)
+                runs[method].append(row)
+        rows += [median_row(method_runs) for method_runs in runs.values()]
     return rows
 
 
@@ -197,6 +222,8 @@ def table_rows(rows: list[BenchRow]) -> tuple[list[str], list[list[str]]]:
         times = [f"{row.times[s]:.1f}" if s in row.times and not math.isnan(row.times[s]) else "-"
                  for s in STAGES]
         total = f"{row.total:.1f}" if row.times else "-"
+        if len(row.totals) > 1:
+            total += f" ({min(row.totals):.1f}-{max(row.totals):.1f})"
         ratio = ""
         reference = colmap_total.get((row.scene, row.setting))
         if row.method != "colmap" and reference and row.times:
@@ -229,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="COLMAP's camera grouping (default: single, as recon's default; see the module docstring)")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one, deleted)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (README-ready)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each pipeline N times, alternating; report medians and the range of the totals")
     parser.add_argument("--verbose", action="store_true", help="keep COLMAP's INFO log on stderr")
     args = parser.parse_args(argv)
 
@@ -245,12 +274,13 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.data / name).is_dir():
                 print(f"[{name}] not found in {args.data}, skipped", flush=True)
                 continue
-            rows += bench_scene(SCENES[name], args.data, out_dir, runners, args.settings, args.max_size)
+            rows += bench_scene(SCENES[name], args.data, out_dir, runners, args.settings, args.max_size, args.repeat)
         (out_dir / "results.json").write_text(json.dumps(
-            [{"scene": r.scene, "method": r.method, "setting": r.setting, "times": r.times, "total": r.total, "detail": r.detail,
+            [{"scene": r.scene, "method": r.method, "setting": r.setting, "times": r.times, "total": r.total, "totals": r.totals, "detail": r.detail,
               "error": r.error, "eval": r.result.to_dict() if r.result else None} for r in rows], indent=2))
         print()
-        print(f"COLMAP camera mode: {args.colmap_camera_mode}; 'max' setting: {args.max_size}px; times in seconds")
+        print(f"COLMAP camera mode: {args.colmap_camera_mode}; 'max' setting: {args.max_size}px; times in seconds"
+              + (f", medians of {args.repeat} alternating runs (range of the totals)" if args.repeat > 1 else ""))
         print(format_table(rows, args.markdown))
     finally:
         if args.out is None:

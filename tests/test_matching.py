@@ -9,15 +9,18 @@ from feature_backends.nearest_neighbor import MutualNearestNeighbor, mutual_near
 from feature_backends.registry import get_backend, resolve
 
 
-def reference_mnn(d0, d1, ratio):
+def reference_mnn(d0, d1, ratio, max_distance=None):
     """Nearest neighbour both ways, Lowe's ratio test both ways (COLMAP's cross-check)."""
     dist = np.sqrt(np.maximum(((d0[:, None] - d1[None]) ** 2).sum(-1), 0))
     matches = np.full(len(d0), -1)
+    ratio = 1.0 if ratio is None else ratio
     for i in range(len(d0)):
         row = np.sort(dist[i])
         j = np.argmin(dist[i])
         column = np.sort(dist[:, j])
         if row[0] > ratio * row[1] or column[0] > ratio * column[1]:
+            continue
+        if max_distance is not None and row[0] > max_distance:
             continue
         if np.argmin(dist[:, j]) == i:
             matches[i] = j
@@ -44,6 +47,23 @@ def test_mnn_equals_reference(block, dtype):
     np.testing.assert_array_equal(matches.numpy(), expected)
     assert (matches[:30].numpy() == np.arange(30)).all()  # the perturbed copies find their originals
     assert ((scores.numpy() > 0) == (expected >= 0)).all()
+
+
+@pytest.mark.parametrize("ratio, max_distance, expected_matches", [
+    (None, None, 30), (0.8, 0.3, 30), (0.8, 0.01, 0), (0.02, None, 0)])
+def test_mnn_searches_only_columns_that_can_match(ratio, max_distance, expected_matches):
+    """Columns are searched only for rows that pass their own tests; the result must not depend on it."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    d1 = normalized(rng, 60)
+    d0 = np.concatenate([d1[:30] + 0.05 * normalized(rng, 30), normalized(rng, 45)])
+    d0 /= np.linalg.norm(d0, axis=1, keepdims=True)
+    matches, _ = mutual_nearest_neighbors(torch.from_numpy(d0), torch.from_numpy(d1), ratio, max_distance,
+                                          compute_dtype=torch.float32)
+    expected = reference_mnn(d0, d1, ratio, max_distance)
+    np.testing.assert_array_equal(matches.numpy(), expected)
+    assert (matches[:30].numpy() >= 0).sum() == expected_matches
 
 
 def test_matcher_backend_shapes_and_empty_inputs():
