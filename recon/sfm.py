@@ -172,7 +172,7 @@ def reconstruct(
                          timings={}, **model_stats(reconstruction))
 
     arguments = [str(sfm_dir), str(image_dir), str(pairs_path), str(features_path), str(matches_path)]
-    if options.fresh_process:
+    if options.fresh_process and sys.executable:  # an embedded interpreter has no executable to start
         return _reconstruct_in_fresh_process(arguments, options, stamp)
     return _reconstruct_here(arguments, options, stamp)
 
