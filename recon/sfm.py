@@ -164,11 +164,11 @@ def reconstruct(
     inputs = [Path(pairs_path), Path(features_path), Path(matches_path)]
     stamp = _fingerprint(inputs, options)
     stamp_path = sfm_dir / _STAMP
-    names = list_feature_names(features_path)
     if (sparse_root / "0").is_dir() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
         logger.info("Reconstruction in %s is up to date with its inputs; not re-mapping", sparse_root / "0")
         reconstruction = pycolmap.Reconstruction(sparse_root / "0")
-        return SfMResult(sparse_root / "0", len(names), num_models=len(list(sparse_root.iterdir())),
+        num_images = len(list_feature_names(features_path))
+        return SfMResult(sparse_root / "0", num_images, num_models=len(list(sparse_root.iterdir())),
                          timings={}, **model_stats(reconstruction))
 
     arguments = [str(sfm_dir), str(image_dir), str(pairs_path), str(features_path), str(matches_path)]
