@@ -273,24 +273,29 @@ def test_stage_keys_of_the_other_mode_are_rejected(crops, oracles, tmp_path):
                     tmp_path / "m.h5", features="disk", feature_conf={"max_keypoints": 10})
 
 
-def test_quantised_resume_equals_an_uninterrupted_run(crops, oracles, tmp_path, monkeypatch):
-    image_dir, pairs, offsets, table = crops
-    conf = {"name": "translation-oracle", "offsets": table}
-    match_dense(conf, pairs, image_dir, tmp_path / "full_f.h5", tmp_path / "full_m.h5")
-    calls = []
+def interrupt_warps_after(monkeypatch, count: int):
+    """Make the translation oracle raise KeyboardInterrupt (as Ctrl-C would) on its warp number count + 1;
+    returns the original method."""
     original = TranslationOracle.warp_images
+    calls = []
 
     def interrupted(self, image0, image1):
-        if len(calls) == 2:
+        if len(calls) == count:
             raise KeyboardInterrupt
         calls.append(1)
         return original(self, image0, image1)
 
     monkeypatch.setattr(TranslationOracle, "warp_images", interrupted)
+    return original
+
+
+def test_quantised_resume_equals_an_uninterrupted_run(crops, oracles, tmp_path, monkeypatch):
+    image_dir, pairs, offsets, table = crops
+    conf = {"name": "translation-oracle", "offsets": table}
+    match_dense(conf, pairs, image_dir, tmp_path / "full_f.h5", tmp_path / "full_m.h5")
+    original = interrupt_warps_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
-    monkeypatch.setattr(TranslationOracle, "warp_images", original)
-    calls.clear()
     counted = []
     monkeypatch.setattr(TranslationOracle, "warp_images", lambda s, a, b: counted.append(1) or original(s, a, b))
     match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
@@ -506,17 +511,9 @@ def test_anchored_propagation_resume_equals_an_uninterrupted_run(crops, oracles,
     match_dense(conf, pairs, image_dir, tmp_path / "full_f.h5", tmp_path / "full_m.h5")
     with FeatureReader(tmp_path / "full_f.h5") as full:
         assert sum(np.subtract(*full.keypoint_counts(name)) for name in offsets) > 5  # propagation did add some
-    original_warp, original_publish = TranslationOracle.warp_images, store._Journal.publish
+    original_publish = store._Journal.publish
     if interruption == "interrupt":
-        calls = []
-
-        def interrupted(self, image0, image1):
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            calls.append(1)
-            return original_warp(self, image0, image1)
-
-        monkeypatch.setattr(TranslationOracle, "warp_images", interrupted)
+        interrupt_warps_after(monkeypatch, 2)
     else:
         publications = []
 
