@@ -6,8 +6,9 @@ exceed `max_block_elements`; no Python loop runs over keypoints. Descriptors are
 
 Speed: the matrix product and the top-k searches over it are the whole cost. With the mutual test, the column
 search runs only for the columns that are the nearest neighbour of a row passing its own tests, the only ones
-that can be in a match (same result; on temple_ring_full 9 % of the columns on average, and the matcher went from
-9.2-10.6 to 6.1 ms per pair). For large products, where reduced
+that can be in a match (same result; on temple_ring_full 9 % of the columns on average; 192 of its pairs, kernels
+warm: 9.2-10.6 -> 6.1 ms per pair). On CPU the operands are padded to shape buckets (`_operand`). For large
+products, where reduced
 precision is faster (float16 on CUDA; on CPU bfloat16/float16 when the probe finds them faster, e.g. with AMX),
 they run in it, and the best candidates of every row and column are then rescored exactly in float32, so the ratio
 and distance tests see exact values; only the ranking of near-ties (which the ratio test rejects anyway) can
@@ -193,7 +194,7 @@ SHAPE_BUCKET = 256
 
 
 def _operand(descriptors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`descriptors` in `dtype`, contiguous; on CPU zero-padded to a multiple of SHAPE_BUCKET rows. torch's CPU
+    """`descriptors` in `dtype`; on CPU contiguous and zero-padded to a multiple of SHAPE_BUCKET rows. torch's CPU
     matmul (oneDNN) prepares a kernel for every new shape, and matching sees a new shape in nearly every pair.
     Measured on this machine, 128-dim descriptors against 1650: a first product of a new shape took 12.7 ms in
     bfloat16 and 9.0 ms in float32, a repeated one 2.2 and 4.8 ms, a product padded to 256-row buckets 1.8 ms;
