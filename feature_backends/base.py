@@ -76,8 +76,28 @@ def merge_conf(defaults: Mapping[str, Any], overrides: Mapping[str, Any] | None,
         if isinstance(defaults[key], Mapping) and isinstance(value, Mapping):
             merged[key] = merge_conf(defaults[key], value, where=f"{where}{key}.")
         else:
+            _check_type(defaults[key], value, f"{where}{key}")
             merged[key] = value
     return merged
+
+
+def _check_type(default: Any, value: Any, key: str) -> None:
+    """A scalar of another kind than the default's (a word for a number or a flag, a number for a word) is an
+    error naming the key. None defaults take anything, and lists stand for sizes given per axis."""
+    if default is None or value is None or isinstance(value, (list, tuple, Mapping)):
+        return
+    number = (int, float)
+    if isinstance(default, bool):
+        fits = isinstance(value, bool)
+    elif isinstance(default, number):
+        fits = isinstance(value, number) and not isinstance(value, bool)
+    elif isinstance(default, str) and default != REQUIRED:
+        fits = isinstance(value, str)
+    else:
+        return
+    if not fits:
+        raise ConfigError(f"configuration key '{key}' takes a {type(default).__name__} (default {default!r}), "
+                          f"got {value!r}")
 
 
 def _missing_keys(conf: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -107,6 +127,8 @@ class Backend:
     default_conf: ClassVar[dict[str, Any]] = {"mixed_precision": True}
     #: Weight files this backend can load, by variant name (see feature_backends.weights.WeightFile).
     weight_files: ClassVar[dict[str, Any]] = {}
+    #: The configuration key that selects the entry of `weight_files` (see `required_weights`).
+    variant_key: ClassVar[str] = "variant"
 
     def __init__(self, conf: Mapping[str, Any] | None = None, device: str | torch.device | None = None):
         merged = merge_conf(self.full_default_conf(), conf, where=f"{type(self).__name__}.")
@@ -126,6 +148,18 @@ class Backend:
             if own:
                 conf = _deep_update(conf, own)
         return conf
+
+    @classmethod
+    def required_weights(cls, conf: Mapping[str, Any]) -> list[tuple[Any, str | None]]:
+        """(WeightFile, explicit path or None) for every file a backend with this (merged) conf loads, so a run
+        can check them all before its first stage. By default: the `weight_files` entry that `variant_key`
+        selects (the only one when there is one), the first file taking an explicit `weights` path. Backends
+        whose files follow other keys override this; the rest are checked when they load."""
+        files = cls.weight_files
+        key = conf.get(cls.variant_key)
+        chosen = files.get(key) if key in files else (next(iter(files.values())) if len(files) == 1 else ())
+        chosen = tuple(chosen) if isinstance(chosen, (tuple, list)) else (chosen,)
+        return [(weight, conf.get("weights") if index == 0 else None) for index, weight in enumerate(chosen)]
 
     def _init(self, conf: Conf) -> None:
         """Build the model. Subclasses load weights here."""
@@ -361,18 +395,37 @@ class SteerableMatcher(SparseMatcher):
 
 
 class DenseMatcher(Backend):
-    """Match two images densely.
+    """Match two images densely; the contract the dense stage (recon.dense) relies on.
 
     `match_images(image0, image1)` returns sampled correspondences keypoints0/1 (M,2) in original-image pixels
-    (hloc convention) and their `scores` (M,). Subclasses that can expose the full warp implement
-    `warp_images`, which the anchored keypoint mode uses.
+    (hloc convention) and their `scores` (M,): all quantised mode needs. Backends that predict a full warp set
+    `has_warp` and implement `warp_images` (returning a feature_backends.dense_warp.Warp), which anchored mode
+    needs. In a pair stream every image comes back in many pairs: `encode` is the per-image part of the work,
+    whose result the stage keeps in a byte-budget cache (a flat dict of host arrays) and hands to
+    `match_encoded` / `warp_encoded` for every pair of that image. By default the image itself is the encoding.
     """
 
     kind = "dense"
     default_conf: ClassVar[dict[str, Any]] = {}
+    #: Whether `warp_images` / `warp_encoded` give the full warp (anchored mode needs it; LoFTR-like matchers
+    #: give matches only).
+    has_warp: ClassVar[bool] = False
 
     def match_images(self, image0: np.ndarray, image1: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def warp_images(self, image0: np.ndarray, image1: np.ndarray) -> Any:
+        raise ConfigError(f"{type(self).__name__} gives matches, not a dense warp, so it cannot match anchored "
+                          "keypoints (FEATURES+DENSE); use it alone for quantised keypoints")
+
+    def encode(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        return {"image": image}
+
+    def match_encoded(self, encoded0: dict[str, np.ndarray], encoded1: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.match_images(encoded0["image"], encoded1["image"])
+
+    def warp_encoded(self, encoded0: dict[str, np.ndarray], encoded1: dict[str, np.ndarray]) -> Any:
+        return self.warp_images(encoded0["image"], encoded1["image"])
 
 
 class GlobalDescriptor(Backend):

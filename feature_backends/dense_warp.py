@@ -180,6 +180,7 @@ class WarpMatcher(DenseMatcher):
     subclass resizes and normalises as its network expects and returns a `Warp` (sizes filled in here).
     """
 
+    has_warp = True
     default_conf: ClassVar[dict[str, Any]] = {
         "num_matches": 10000,  # sampled matches per pair (romatch's `num`)
         "sample_thresh": 0.05,  # certainties above count as 1 when sampling (romatch's sample_thresh)
@@ -215,17 +216,6 @@ class WarpMatcher(DenseMatcher):
         with torch.inference_mode():
             return warp.sample(self.conf.num_matches, self.conf.sample_thresh, self.conf.seed,
                                self.conf.min_certainty, self.conf.balanced)
-
-    # In a pair stream every image comes back in many pairs. `encode` is the per-image part of the work, whose
-    # result the caller may keep (a flat dict of host arrays, so a byte-budget cache can weigh it) and hand to
-    # `warp_encoded` / `match_encoded` for every pair of that image. By default nothing is precomputed: the
-    # image itself is the encoding and the pair goes through `warp_images`.
-
-    def encode(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        return {"image": image}
-
-    def warp_encoded(self, encoded0: dict[str, np.ndarray], encoded1: dict[str, np.ndarray]) -> Warp:
-        return self.warp_images(encoded0["image"], encoded1["image"])
 
     def match_encoded(self, encoded0: dict[str, np.ndarray], encoded1: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._sample(self.warp_encoded(encoded0, encoded1))

@@ -290,7 +290,8 @@ class GIMDKM(WarpMatcher, _StateDictBackend):
     }
     weight_files = {"gim": GIM_DKM}
 
-    def checkpoint_files(self, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
+    @classmethod
+    def checkpoint_files(cls, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
         return {"weights": (GIM_DKM, conf.weights)}
 
     def _init(self, conf: Conf) -> None:

@@ -101,6 +101,7 @@ class LightGlue(SparseMatcher):
         return {"features": features} if features else {}
 
     weight_files: ClassVar[dict[str, Any]] = {name: (file,) for name, file in LIGHTGLUE_WEIGHTS.items()}
+    variant_key = "features"
 
     def _init(self, conf) -> None:
         if conf.features not in LIGHTGLUE_WEIGHTS:

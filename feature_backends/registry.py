@@ -83,6 +83,25 @@ def resolve(kind: str, name: str) -> tuple[type[Backend], dict[str, Any]]:
     return cls, dict(preset)
 
 
+def split_conf(conf: Mapping[str, Any] | str) -> tuple[str, dict[str, Any]]:
+    """`{"name": ..., **rest}` or hloc's `{"model": {...}, "preprocessing": {...}}` → (name, backend conf).
+
+    Every preprocessing key is passed on, so one the backend does not know is an error naming it (hloc's
+    `interpolation`, for example, has no counterpart here)."""
+    if isinstance(conf, str):
+        return conf, {}
+    conf = dict(conf)
+    if "model" in conf:
+        model = dict(conf.pop("model"))
+        preprocessing = dict(conf.pop("preprocessing", {}) or {})
+        conf.pop("output", None)
+        conf = {**model, **preprocessing, **conf}
+    if "name" not in conf:
+        raise ConfigError("a stage configuration needs a backend 'name'")
+    name = conf.pop("name")
+    return name, conf
+
+
 def get_backend(kind: str, name: str, conf: Mapping[str, Any] | None = None, device: Any = None) -> Backend:
     cls, preset = resolve(kind, name)
     from .base import merge_conf
@@ -91,3 +110,14 @@ def get_backend(kind: str, name: str, conf: Mapping[str, Any] | None = None, dev
     if conf:
         merged = merge_conf(cls.full_default_conf() if not merged else merged, conf)
     return cls(merged or None, device=device)
+
+
+def preflight(kind: str, name: str, conf: Mapping[str, Any] | None = None) -> list[str]:
+    """Check a backend's configuration and find (or fetch) every weight file it will load, without building it:
+    what a run does for all its backends before the first stage. Returns the files' paths."""
+    from .base import merge_conf
+    from .weights import resolve_weights
+
+    cls, preset = resolve(kind, name)
+    merged = merge_conf(cls.full_default_conf(), {**preset, **(conf or {})}, where=f"{cls.__name__}.")
+    return [str(resolve_weights(weight, explicit)) for weight, explicit in cls.required_weights(merged)]

@@ -110,9 +110,14 @@ class _StateDictBackend(Backend):
         backend._given_checkpoints = None
         return backend
 
-    def checkpoint_files(self, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
+    @classmethod
+    def checkpoint_files(cls, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
         """{role: (file, explicit path or None)} for the configured variant."""
         raise NotImplementedError
+
+    @classmethod
+    def required_weights(cls, conf: Mapping[str, Any]) -> list[tuple[WeightFile, str | None]]:
+        return list(cls.checkpoint_files(Conf(conf)).values())
 
     def load_checkpoints(self, conf: Conf) -> dict[str, Any]:
         files = self.checkpoint_files(conf)
@@ -177,11 +182,12 @@ class RoMa(WarpMatcher, _StateDictBackend):
     }
     weight_files = {name: (weight, DINOV2_VITL14) for name, weight in variants.items()}
 
-    def checkpoint_files(self, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
-        if conf.variant not in self.variants:
-            raise ConfigError(f"unknown {type(self).__name__} variant '{conf.variant}'; "
-                              f"known: {', '.join(self.variants)}")
-        return {"weights": (self.variants[conf.variant], conf.weights),
+    @classmethod
+    def checkpoint_files(cls, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
+        if conf.variant not in cls.variants:
+            raise ConfigError(f"unknown {cls.__name__} variant '{conf.variant}'; "
+                              f"known: {', '.join(cls.variants)}")
+        return {"weights": (cls.variants[conf.variant], conf.weights),
                 "dinov2": (DINOV2_VITL14, conf.dinov2_weights)}
 
     def unpack_checkpoint(self, checkpoint: Any) -> Mapping[str, torch.Tensor]:
@@ -295,7 +301,8 @@ class TinyRoMa(WarpMatcher, _StateDictBackend):
     }
     weight_files = {"outdoor": TINY_ROMA_OUTDOOR}
 
-    def checkpoint_files(self, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
+    @classmethod
+    def checkpoint_files(cls, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
         return {"weights": (TINY_ROMA_OUTDOOR, conf.weights)}
 
     def _init(self, conf: Conf) -> None:

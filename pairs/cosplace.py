@@ -91,6 +91,11 @@ class CosPlace(LearnedGlobalDescriptor):
         f"{backbone}-{dim}": weight_file(backbone, dim) for backbone, (_, dims) in BACKBONES.items() for dim in dims
     }
 
+    @classmethod
+    def required_weights(cls, conf):
+        known = conf.get("backbone") in BACKBONES and conf.get("dim") in BACKBONES[conf["backbone"]][1]
+        return [(weight_file(conf["backbone"], conf["dim"]), conf.get("weights"))] if known else []
+
     def _build(self, conf) -> nn.Module:
         if conf.backbone not in BACKBONES:
             raise ConfigError(f"unknown CosPlace backbone '{conf.backbone}'; choose one of {', '.join(BACKBONES)}")

@@ -45,9 +45,10 @@ def write_pairs(path: str | Path, pairs: Iterable[tuple[str, str]]) -> Path:
     return path
 
 
-def deduplicate(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Drop self-pairs and repeated pairs in either direction, keeping first occurrences in order."""
-    seen: set[tuple[str, str]] = set()
+def deduplicate(pairs: Iterable[tuple[str, str]], seen: set[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+    """Drop self-pairs and repeated pairs in either direction, keeping first occurrences in order. `seen`
+    (updated in place) carries the pairs already taken across calls."""
+    seen = set() if seen is None else seen
     unique = []
     for name0, name1 in pairs:
         key = (name0, name1) if name0 <= name1 else (name1, name0)

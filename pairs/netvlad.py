@@ -178,6 +178,7 @@ class NetVLAD(LearnedGlobalDescriptor):
         "resize_max": 1024,
     }
     weight_files = dict(MODELS)
+    variant_key = "model"
 
     def _build(self, conf) -> nn.Module:
         if conf.model not in MODELS:

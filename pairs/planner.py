@@ -23,8 +23,8 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,35 +32,64 @@ from feature_backends.errors import ConfigError, InputError
 from feature_backends.store import read_global_descriptors
 
 from .exhaustive import exhaustive_pairs
-from .io import write_pairs
+from .io import deduplicate, read_name_list, write_pairs
 from .retrieval import cap_per_image, extract_global_descriptors, retrieve
 from .sequential import loop_frames, sequential_pairs
 from .spatial import read_positions, spatial_neighbours, spatial_pairs
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["exhaustive", "sequential", "retrieval", "spatial"]
+Method = Literal["auto", "exhaustive", "sequential", "retrieval", "spatial"]
 METHODS: tuple[str, ...] = ("exhaustive", "sequential", "retrieval", "spatial")
+
+
+def _opt(default: Any = None, help: str = "", factory: Any = None, **meta: Any) -> Any:
+    """A field with the help text (and extra flag names) recon's generated command line shows."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
 class PairOptions:
-    method: Method = "retrieval"
-    num_matched: int = 20  # retrieval neighbours per query (also per loop-closure frame)
-    query_list: list[str] | None = None
-    database_list: list[str] | None = None
-    min_similarity: float | None = None
-    max_pairs_per_image: int | None = None
-    overlap: int = 10
-    quadratic_overlap: bool = True
-    per_folder: bool = True
-    loop_closure: bool = False
-    loop_every: int = 10
-    gps_prior: bool = False
-    spatial_max_neighbors: int = 50
-    spatial_max_distance: float = 100.0  # metres
-    spatial_min_neighbors: int = 0
-    spatial_ignore_z: bool = True
+    method: Method = _opt("auto", "auto: exhaustive up to --exhaustive-max-images images, retrieval above",
+                          flags=("--method", "--pairs"), run_flags=("--method", "--pairs"))
+    exhaustive_max_images: int = _opt(50, "auto: match exhaustively up to this many images",
+                                      flags=("--exhaustive-max-images",))
+    num_matched: int = _opt(20, "retrieval: neighbours per query; sequential: loop-closure neighbours per loop frame",
+                            flags=("--num-matched",))
+    retrieval: str = _opt("vlad", "global descriptor for retrieval and loop closure (vlad, netvlad, cosplace)",
+                          flags=("--retrieval",))
+    retrieval_conf: dict = _opt(help="global descriptor option, e.g. backbone=ResNet18, dim=512, weights=PATH",
+                                factory=dict, flags=("--retrieval-conf",))
+    query_list: list[str] | None = _opt(None, "retrieval: file of image names that query (default: all)",
+                                        flags=("--query-list",), parse=read_name_list, metavar="FILE")
+    database_list: list[str] | None = _opt(None, "retrieval: file of image names to retrieve from (default: all)",
+                                           flags=("--database-list",), parse=read_name_list, metavar="FILE")
+    min_similarity: float | None = _opt(None, "retrieval: drop neighbours below this cosine similarity",
+                                        flags=("--min-similarity",))
+    max_pairs_per_image: int | None = _opt(None, "retrieval: no image in more than this many pairs",
+                                           flags=("--max-pairs-per-image",))
+    overlap: int = _opt(10, "sequential: frames matched ahead", flags=("--overlap",))
+    quadratic_overlap: bool = _opt(True, "sequential: also frames i+2^k (COLMAP's default)",
+                                   flags=("--quadratic-overlap",))
+    per_folder: bool = _opt(True, "sequential: each sub-folder is its own sequence", flags=("--per-folder",))
+    loop_closure: bool = _opt(False, "sequential: add retrieval neighbours of every loop_every-th frame",
+                              flags=("--loop-closure",))
+    loop_every: int = _opt(10, "sequential: loop-closure frame interval", flags=("--loop-every",))
+    gps_prior: bool = _opt(False, "retrieval / loop closure: only among EXIF-GPS neighbours (images without GPS "
+                                  "stay in)", flags=("--gps",))
+    spatial_max_neighbors: int = _opt(50, "spatial / --gps: nearest images kept", flags=("--spatial-max-neighbors",))
+    spatial_max_distance: float = _opt(100.0, "spatial / --gps: radius in metres", flags=("--spatial-max-distance",))
+    spatial_min_neighbors: int = _opt(0, "spatial / --gps: at least this many nearest images, even beyond the "
+                                         "radius", flags=("--spatial-min-neighbors",))
+    spatial_ignore_z: bool = _opt(True, "spatial / --gps: ignore altitude", flags=("--spatial-ignore-z",))
+
+    def resolved_method(self, num_images: int) -> str:
+        """The method "auto" stands for with this many images (other methods as they are)."""
+        if self.method != "auto":
+            return self.method
+        return "exhaustive" if num_images <= self.exhaustive_max_images else "retrieval"
 
 
 @dataclass
@@ -104,14 +133,9 @@ class _Accumulator:
         self.sources: dict[str, int] = {}
 
     def add(self, source: str, pairs: Sequence[tuple[str, str]]) -> None:
-        added = 0
-        for name0, name1 in pairs:
-            key = (name0, name1) if name0 <= name1 else (name1, name0)
-            if name0 != name1 and key not in self.seen:
-                self.seen.add(key)
-                self.pairs.append((name0, name1))
-                added += 1
-        self.sources[source] = self.sources.get(source, 0) + added
+        added = deduplicate(pairs, self.seen)
+        self.pairs += added
+        self.sources[source] = self.sources.get(source, 0) + len(added)
 
 
 def _check_subset(listed: Sequence[str] | None, names: Sequence[str], what: str) -> None:
@@ -129,12 +153,14 @@ def plan(
     names: Sequence[str],
     options: PairOptions,
     descriptors_path: str | Path | None = None,
-    retrieval: str = "vlad",
-    retrieval_conf: Mapping[str, Any] | None = None,
     device: Any = None,
 ) -> PairPlan:
     """Choose the pairs for `names` (relative to `image_dir`). Global descriptors go to `descriptors_path`."""
     names = list(names)
+    if options.method == "auto":
+        options = replace(options, method=options.resolved_method(len(names)))
+        logger.info("Pairs: %s for %d images (exhaustive up to %d)", options.method, len(names),
+                    options.exhaustive_max_images)
     if options.method not in METHODS:
         raise ConfigError(f"unknown pairs method '{options.method}'; choose one of {', '.join(METHODS)}")
     _check_subset(options.query_list, names, "query")
@@ -178,7 +204,8 @@ def plan(
         start = time.perf_counter()
         # Descriptors for the whole collection, not just the listed images: VLAD fits its codebook on the images
         # it is given, and descriptors from different codebooks in one file would not be comparable.
-        extract_global_descriptors(image_dir, descriptors_path, retrieval, retrieval_conf, names, device=device)
+        extract_global_descriptors(image_dir, descriptors_path, options.retrieval, options.retrieval_conf, names,
+                                   device=device)
         seconds["global_descriptors"] = time.perf_counter() - start
         start = time.perf_counter()
         stored, descriptors = read_global_descriptors(descriptors_path)
@@ -195,7 +222,7 @@ def plan(
         capped = cap_per_image(scored, options.max_pairs_per_image)
         source = "loop_closure" if options.method == "sequential" else "retrieval"
         details[source] = {"queries": len(queries), "candidates": len(scored), "after_dedup_and_cap": len(capped),
-                           "backend": retrieval}
+                           "backend": options.retrieval}
         result.add(source, [(name0, name1) for name0, name1, _ in capped])
         seconds["retrieval"] = time.perf_counter() - start
 

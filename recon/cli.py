@@ -1,278 +1,155 @@
-"""The `recon` command: a thin argparse layer over the stage functions.
+"""The `recon` command, generated from the stages' options dataclasses (recon.options).
 
-Backend options not covered by a flag go through `--conf key=value` (repeatable, dotted keys for nested
-values); values are parsed as JSON when possible (numbers, true/false/null, lists) and kept as strings otherwise,
-never evaluated. Errors derived from ReconError print one clear message and exit with their code (2 for bad
-input); SIGTERM is turned into KeyboardInterrupt so every open output file is published before exiting.
+`recon run` takes every option of every stage as a dotted flag (`--sfm.mapper global`, `--pairs.num-matched 30`,
+`--dense.cell-size 8`) and the short names documented in the README (`--mapper`, `--features`, `--conf`,
+`--matcher-conf`, `--export`, …); each stage command (`recon pairs|extract|match|sfm|export|splat`) takes its own
+stage's options under their plain names. Backend options go through repeatable `--conf key=value` items (JSON
+values, never evaluated). Errors derived from ReconError print one line and exit with their code (2 for bad
+input or options); SIGTERM is turned into KeyboardInterrupt so every open output file is published first.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from feature_backends import registry
 from feature_backends.errors import ReconError
+from pairs.planner import PairOptions
+
+from .export import ExportOptions
+from .extract import ExtractOptions
+from .match import MatchOptions
+from .options import add_options, build_options
+from .pipeline import RunConfig
+from .sfm import SfMOptions
+from .splat import SplatConfig
 
 logger = logging.getLogger("recon")
 
 
-def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
-    conf: dict[str, Any] = {}
-    for item in items or ():
-        if "=" not in item:
-            raise ReconError(f"--conf expects key=value, got '{item}'")
-        key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        target = conf
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = value
-    return conf
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (exit 2), like every other recon error."""
+
+    def error(self, message: str):
+        self.exit(2, f"recon: error: {message} (see '{self.prog} --help')\n")
 
 
-def _feature_conf(args) -> dict[str, Any]:
-    conf = parse_overrides(getattr(args, "conf", None))
-    if getattr(args, "max_keypoints", None) is not None:
-        conf["max_keypoints"] = args.max_keypoints
-    if getattr(args, "resize_max", None) is not None:
-        conf["resize_max"] = args.resize_max
-    if getattr(args, "weights", None):
-        conf["weights"] = args.weights
-    return conf
+def _command(commands, name: str, help_text: str, *positionals: tuple[str, dict]) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help_text, description=help_text)
+    for positional, keywords in positionals:
+        parser.add_argument(positional, **keywords)
+    return parser
 
 
-def _add_pairs_options(parser: argparse.ArgumentParser, default_method: str) -> None:
-    group = parser.add_argument_group("pairs")
-    group.add_argument("--method", "--pairs", dest="method", default=default_method,
-                       choices=["auto", "exhaustive", "sequential", "retrieval", "spatial"])
-    group.add_argument("--num-matched", type=int, default=20,
-                       help="retrieval: neighbours per query; sequential: loop-closure neighbours per loop frame")
-    group.add_argument("--retrieval", default="vlad", help=f"global descriptor ({', '.join(registry.names('global'))})")
-    group.add_argument("--retrieval-conf", action="append", metavar="KEY=VALUE",
-                       help="global descriptor option, e.g. backbone=ResNet18, dim=512, weights=PATH")
-    group.add_argument("--query-list", type=Path, help="retrieval: file of image names that query (default: all)")
-    group.add_argument("--database-list", type=Path, help="retrieval: file of image names to retrieve from")
-    group.add_argument("--min-similarity", type=float, help="retrieval: drop neighbours below this cosine similarity")
-    group.add_argument("--max-pairs-per-image", type=int, help="retrieval: no image in more than this many pairs")
-    group.add_argument("--overlap", type=int, default=10, help="sequential: frames matched ahead")
-    group.add_argument("--quadratic-overlap", action=argparse.BooleanOptionalAction, default=True,
-                       help="sequential: also frames i+2^k (COLMAP default)")
-    group.add_argument("--loop-closure", action="store_true", help="sequential: add retrieval neighbours")
-    group.add_argument("--loop-every", type=int, default=10, help="sequential: loop-closure frame interval")
-    group.add_argument("--gps", dest="gps_prior", action="store_true",
-                       help="retrieval/loop closure: only among EXIF-GPS neighbours (images without GPS stay in)")
-    group.add_argument("--spatial-max-neighbors", type=int, default=50, help="spatial / --gps: nearest images kept")
-    group.add_argument("--spatial-max-distance", type=float, default=100.0, help="spatial / --gps: radius in metres")
-    group.add_argument("--exhaustive-max-images", type=int, default=50, help="auto: exhaustive up to this many images")
-
-
-def _pairs_config(args) -> dict[str, Any]:
-    """RunConfig fields from the pairs options."""
-    from pairs.io import read_name_list
-
-    return dict(
-        pairs=args.method, exhaustive_max_images=args.exhaustive_max_images, num_matched=args.num_matched,
-        overlap=args.overlap, quadratic_overlap=args.quadratic_overlap, loop_closure=args.loop_closure,
-        loop_every=args.loop_every, retrieval=args.retrieval, retrieval_conf=parse_overrides(args.retrieval_conf),
-        query_list=read_name_list(args.query_list) if args.query_list else None,
-        database_list=read_name_list(args.database_list) if args.database_list else None,
-        min_similarity=args.min_similarity, max_pairs_per_image=args.max_pairs_per_image, gps_prior=args.gps_prior,
-        spatial_max_neighbors=args.spatial_max_neighbors, spatial_max_distance=args.spatial_max_distance,
-    )
-
-
-def _add_sfm_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--camera-mode", default="single", choices=["single", "per-folder", "per-image"])
-    parser.add_argument("--camera-model", default="SIMPLE_RADIAL")
-    parser.add_argument("--mapper", default="incremental", choices=["incremental", "global"])
-    parser.add_argument("--mapper-option", action="append", metavar="KEY=VALUE",
-                        help="pycolmap.IncrementalPipelineOptions field, e.g. mapper.init_min_num_inliers=50")
-    parser.add_argument("--refine-principal-point", default="auto", choices=["auto", "always", "never"],
-                        help="after mapping, free the principal point of shared cameras; 'auto' keeps it only where "
-                             "the BA covariance shows the views determine it (default), 'never' is COLMAP's behaviour")
-
-
-def _sfm_options(args):
-    from .sfm import SfMOptions
-
-    return SfMOptions(camera_mode=args.camera_mode, camera_model=args.camera_model, mapper=args.mapper,
-                      mapper_options=parse_overrides(args.mapper_option), num_threads=-1,
-                      refine_principal_point=args.refine_principal_point)
+PATH = {"type": Path}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recon", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="recon", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = commands.add_parser("run", help="photos → pairs → features → matches → SfM → exports")
-    run.add_argument("images", type=Path)
-    run.add_argument("out", type=Path)
-    run.add_argument("--features", default="sift", help=f"local features ({', '.join(registry.names('features'))})")
-    run.add_argument("--matcher", default="mnn",
-                     help=f"sparse ({', '.join(registry.names('matcher'))}), dense ({', '.join(registry.names('dense'))}), "
-                          "or anchored dense FEATURES+DENSE (e.g. sift+roma, dad+roma)")
-    run.add_argument("--max-keypoints", type=int)
-    run.add_argument("--resize-max", type=int)
-    run.add_argument("--weights", help="explicit weight file for the feature backend")
-    run.add_argument("--conf", action="append", metavar="KEY=VALUE", help="feature backend option")
-    run.add_argument("--matcher-conf", action="append", metavar="KEY=VALUE", help="matcher option")
-    run.add_argument("--ratio", type=float, help="mnn: Lowe ratio threshold")
-    _add_pairs_options(run, "auto")
-    _add_sfm_options(run)
-    run.add_argument("--export", default="colmap-txt,ply,3dgs,nerfstudio", help="comma-separated export formats")
-    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when present)")
-    run.add_argument("--splat", action="store_true", help="train Gaussian splats after SfM (recon splat)")
-    run.add_argument("--splat-iterations", type=int, default=30000)
-    run.add_argument("--splat-strategy", choices=["default", "mcmc"], default="default")
+    run = _command(commands, "run", "photos → pairs → features → matches → SfM → exports",
+                   ("images", PATH), ("out", PATH))
+    add_options(run, RunConfig, run=True)
 
-    pairs = commands.add_parser("pairs", help="write pairs.txt")
-    pairs.add_argument("images", type=Path)
-    pairs.add_argument("output", type=Path)
-    _add_pairs_options(pairs, "exhaustive")
+    pairs = _command(commands, "pairs", "write pairs.txt (+ pairs-stats.json, global-feats.h5)",
+                     ("images", PATH), ("output", PATH))
+    add_options(pairs, PairOptions)
     pairs.add_argument("--device", default=None)
 
-    ext = commands.add_parser("extract", help="write features.h5 (hloc layout)")
-    ext.add_argument("images", type=Path)
-    ext.add_argument("output", type=Path)
-    ext.add_argument("--features", default="sift")
-    ext.add_argument("--max-keypoints", type=int)
-    ext.add_argument("--resize-max", type=int)
-    ext.add_argument("--weights")
-    ext.add_argument("--conf", action="append", metavar="KEY=VALUE")
-    ext.add_argument("--as-half", action="store_true", help="store descriptors as float16 (keypoints stay float32)")
-    ext.add_argument("--device", default=None)
+    extract = _command(commands, "extract", "write features.h5 (hloc layout)", ("images", PATH), ("output", PATH))
+    add_options(extract, ExtractOptions)
+    extract.add_argument("--device", default=None)
 
-    mat = commands.add_parser("match", help="write matches.h5 (hloc layout)")
-    mat.add_argument("pairs", type=Path)
-    mat.add_argument("features", type=Path)
-    mat.add_argument("output", type=Path)
-    mat.add_argument("--matcher", default="mnn")
-    mat.add_argument("--ratio", type=float)
-    mat.add_argument("--conf", action="append", metavar="KEY=VALUE")
-    mat.add_argument("--device", default=None)
+    match = _command(commands, "match", "write matches.h5 (hloc layout)",
+                     ("pairs", PATH), ("features", PATH), ("output", PATH))
+    add_options(match, MatchOptions)
+    match.add_argument("--device", default=None)
 
-    sfm = commands.add_parser("sfm", help="COLMAP database, verification and mapping")
-    sfm.add_argument("images", type=Path)
-    sfm.add_argument("out", type=Path)
-    sfm.add_argument("--pairs", type=Path)
-    sfm.add_argument("--features", type=Path)
-    sfm.add_argument("--matches", type=Path)
-    _add_sfm_options(sfm)
+    sfm = _command(commands, "sfm", "COLMAP database, verification and mapping → OUT/sparse/0",
+                   ("images", PATH), ("out", PATH))
+    for name in ("pairs", "features", "matches"):
+        sfm.add_argument(f"--{name}", type=Path, help=f"default: OUT/{name}{'.txt' if name == 'pairs' else '.h5'}")
+    add_options(sfm, SfMOptions)
 
-    exp = commands.add_parser("export", help="export OUT/sparse/0")
-    exp.add_argument("out", type=Path)
-    exp.add_argument("--format", default="colmap-txt", help="colmap-txt, ply, nerfstudio, 3dgs (comma-separated)")
-    exp.add_argument("--images", type=Path, help="image folder (default: the one recorded in OUT/run.json)")
+    export = _command(commands, "export", "export OUT/sparse/0", ("out", PATH))
+    add_options(export, ExportOptions)
+    export.add_argument("--images", type=Path, help="image folder (default: the one the SfM stage recorded)")
 
     from .eval import build_parser as build_eval_parser
 
     build_eval_parser(commands.add_parser("eval", help="compare a model with ground-truth cameras (pose AUC)"))
 
-    sp = commands.add_parser("splat", help="train Gaussian splats on OUT/undistorted (gsplat; CPU reference path without CUDA)")
-    sp.add_argument("out", type=Path)
-    sp.add_argument("--iterations", type=int, default=30000)
-    sp.add_argument("--eval-every", type=int, default=8, help="hold out every k-th image (0: none)")
-    sp.add_argument("--resolution-scale", type=int, choices=[1, 2, 4, 8], default=None,
-                    help="default: 1 on CUDA, longer side <= 320 px on CPU")
-    sp.add_argument("--strategy", choices=["default", "mcmc"], default="default")
-    sp.add_argument("--resume", action="store_true", help="continue from the latest OUT/splats/checkpoints/step_*.pt")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--device", default=None)
+    splat = _command(commands, "splat", "train Gaussian splats on OUT/undistorted (gsplat; CPU reference path "
+                                        "without CUDA)", ("out", PATH))
+    add_options(splat, SplatConfig)
 
     weights = commands.add_parser("weights", help="list or verify weight files")
     weights.add_argument("action", choices=["list", "check"])
-
     return parser
 
 
 def _command_run(args) -> int:
-    from .pipeline import RunConfig, run
+    from .pipeline import run
 
-    matcher_conf = parse_overrides(args.matcher_conf)
-    if args.ratio is not None:
-        matcher_conf["ratio_threshold"] = args.ratio
-    config = RunConfig(
-        features=args.features, feature_conf=_feature_conf(args), matcher=args.matcher, matcher_conf=matcher_conf,
-        **_pairs_config(args), sfm=_sfm_options(args), exports=tuple(f for f in args.export.split(",") if f),
-        device=args.device,
-    )
-    result = run(args.images, args.out, config)
+    result = run(args.images, args.out, build_options(RunConfig, args))
     print(result.summary())
-    if args.splat:
-        from .splat import SplatConfig, splat
-
-        if "3dgs" not in config.exports:
-            raise ReconError("--splat trains on the undistorted export: keep '3dgs' in --export")
-        path = splat(args.out, SplatConfig(iterations=args.splat_iterations, strategy=args.splat_strategy,
-                                           device=args.device))
-        print(f"splats → {path} (point_cloud.ply, metrics.json, renders/)")
     return 0
 
 
 def _command_pairs(args) -> int:
-    from feature_backends.images import list_images
+    from .pairs import plan_pairs
 
-    from .pipeline import RunConfig, plan_pairs
-
-    names = list_images(args.images)
-    config = RunConfig(**_pairs_config(args), device=args.device)
-    path, method, count = plan_pairs(args.images, args.output.parent, names, config, pairs_path=args.output)
-    print(f"{count} pairs ({method}) → {path} (per-source counts in {path.with_name(path.stem + '-stats.json')})")
+    plan = plan_pairs(args.images, args.output, build_options(PairOptions, args), device=args.device)
+    stats = args.output.with_name(args.output.stem + "-stats.json")
+    print(f"{len(plan.pairs)} pairs ({plan.method}) → {args.output} (per-source counts in {stats})")
     return 0
 
 
 def _command_extract(args) -> int:
-    from .stages import extract
+    from .extract import extract
 
-    extract({"name": args.features, **_feature_conf(args)}, args.images, args.output, device=args.device,
-            as_half=args.as_half)
+    extract(build_options(ExtractOptions, args), args.images, args.output, device=args.device)
     print(f"features → {args.output}")
     return 0
 
 
 def _command_match(args) -> int:
-    from .stages import match
+    from .dense import is_dense_matcher
+    from .match import match
 
-    conf = parse_overrides(args.conf)
-    if args.ratio is not None:
-        conf["ratio_threshold"] = args.ratio
-    match({"name": args.matcher, **conf}, args.pairs, args.features, args.output, device=args.device)
+    options = build_options(MatchOptions, args)
+    if is_dense_matcher(options.matcher):
+        raise ReconError(f"'{options.matcher}' is a dense matcher: it writes keypoints too; run it with "
+                         "`recon run … --matcher NAME`")
+    match(options, args.pairs, args.features, args.output, device=args.device)
     print(f"matches → {args.output}")
     return 0
 
 
 def _command_sfm(args) -> int:
-    import shutil
-
     from .sfm import reconstruct
 
     pairs = args.pairs or args.out / "pairs.txt"
     features = args.features or args.out / "features.h5"
     matches = args.matches or args.out / "matches.h5"
-    result = reconstruct(args.out / "sfm", args.images, pairs, features, matches, _sfm_options(args))
-    shutil.rmtree(args.out / "sparse", ignore_errors=True)
-    shutil.copytree(result.sparse_dir.parent, args.out / "sparse")
+    options = build_options(SfMOptions, args)
+    options.check()
+    result = reconstruct(args.out, args.images, pairs, features, matches, options)
     print(f"{result.num_registered}/{result.num_images} registered, {result.num_points} points, "
-          f"reprojection error {result.mean_reprojection_error:.3f} px → {args.out / 'sparse' / '0'}")
+          f"reprojection error {result.mean_reprojection_error:.3f} px → {result.sparse_dir}")
     return 0
 
 
 def _command_export(args) -> int:
     from .export import export
 
-    for fmt, path in export(args.out, [f for f in args.format.split(",") if f], args.images).items():
+    for fmt, path in export(args.out, build_options(ExportOptions, args), args.images).items():
         print(f"{fmt} → {path}")
     return 0
 
@@ -285,11 +162,9 @@ def _command_eval(args) -> int:
 
 
 def _command_splat(args) -> int:
-    from .splat import SplatConfig, splat
+    from .splat import splat
 
-    path = splat(args.out, SplatConfig(iterations=args.iterations, eval_every=args.eval_every,
-                                       resolution_scale=args.resolution_scale, strategy=args.strategy,
-                                       resume=args.resume, seed=args.seed, device=args.device))
+    path = splat(args.out, build_options(SplatConfig, args))
     print(f"splats → {path} (point_cloud.ply, metrics.json, renders/)")
     return 0
 
@@ -313,7 +188,11 @@ def _raise_keyboard_interrupt(signum, frame):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except ReconError as error:  # raised by a flag's own parser (an image list that does not exist, …)
+        print(f"recon: error: {error}", file=sys.stderr)
+        return error.exit_code
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="[%(asctime)s %(name)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

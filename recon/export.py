@@ -9,6 +9,11 @@
   conventions (OpenGL camera axes, world axes permuted as `ns-process-data` does and recorded in
   `applied_transform`). Pointing it at the undistorted copy keeps nerfstudio, which ignores EXIF orientation
   and distortion of exotic models, on the same pixels as COLMAP.
+
+Each export is stamped with the model it was made from (OUT/exports.json: the size and time of every binary
+model file, and the export's options); a rerun on an unchanged model recomputes nothing, and one export never
+removes another's files (3dgs after nerfstudio keeps transforms.json). The image folder is the one the SfM
+stage recorded with the model (recon.sfm.recorded_image_dir) unless given.
 """
 
 from __future__ import annotations
@@ -19,20 +24,34 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pycolmap
 from PIL import Image
 
-from feature_backends.errors import InputError
+from feature_backends.errors import ConfigError, InputError
 from feature_backends.images import exif_orientation, read_image
+
+from .options import option
 
 logger = logging.getLogger(__name__)
 
-ExportFormat = Literal["colmap-txt", "ply", "nerfstudio", "3dgs"]
 EXPORT_FORMATS: tuple[str, ...] = ("colmap-txt", "ply", "3dgs", "nerfstudio")
+_STAMPS = "exports.json"
+
+
+@dataclass
+class ExportOptions:
+    formats: tuple[str, ...] = option(EXPORT_FORMATS, flags=("--format",), run_flags=("--export",),
+                                      help=f"comma-separated export formats ({', '.join(EXPORT_FORMATS)})")
+    max_image_size: int = option(-1, help="3dgs / nerfstudio: longer side of the undistorted images (-1: as is)")
+
+    def check(self) -> None:
+        for fmt in self.formats:
+            if fmt not in EXPORT_FORMATS:
+                raise ConfigError(f"unknown export format '{fmt}'; choose from {', '.join(EXPORT_FORMATS)}")
 
 # nerfstudio's world-axis permutation (ns-process-data, keep_original_world_coordinate=False).
 NERFSTUDIO_APPLIED_TRANSFORM = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0]], dtype=np.float64)
@@ -141,7 +160,8 @@ def nerfstudio_frames(reconstruction: pycolmap.Reconstruction, image_prefix: str
     return content
 
 
-def export_nerfstudio(out_dir: str | Path, image_dir: str | Path) -> Path:
+def export_nerfstudio(out_dir: str | Path, image_dir: str | Path | None = None) -> Path:
+    """transforms.json + sparse_pc.ply in OUT/undistorted (made first when missing)."""
     out_dir = Path(out_dir)
     undistorted = out_dir / "undistorted"
     if not (undistorted / "sparse" / "0").is_dir():
@@ -157,29 +177,54 @@ def export_nerfstudio(out_dir: str | Path, image_dir: str | Path) -> Path:
     return path
 
 
-def export(out_dir: str | Path, formats: Iterable[str], image_dir: str | Path | None = None) -> dict[str, Path]:
+def export(out_dir: str | Path, options: ExportOptions | Iterable[str] | None = None,
+           image_dir: str | Path | None = None) -> dict[str, Path]:
+    """Every format of `options` for the model in OUT/sparse/0; formats already up to date are not redone."""
     out_dir = Path(out_dir)
+    if not isinstance(options, ExportOptions):
+        options = ExportOptions() if options is None else ExportOptions(formats=tuple(options))
+    options.check()
+    model_dir, _ = load_model(out_dir)
+    stamps_path = out_dir / _STAMPS
+    stamps = json.loads(stamps_path.read_text()) if stamps_path.is_file() else {}
+    model = _model_fingerprint(model_dir)
+    todo = [fmt for fmt in EXPORT_FORMATS if fmt in options.formats or (fmt == "3dgs" and "nerfstudio" in
+                                                                         options.formats)]
     written = {}
-    for fmt in formats:
-        if fmt not in EXPORT_FORMATS:
-            raise InputError(f"unknown export format '{fmt}'; choose from {', '.join(EXPORT_FORMATS)}")
-        if fmt in ("3dgs", "nerfstudio") and image_dir is None:
-            image_dir = _image_dir_from_run(out_dir)
-        if fmt == "colmap-txt":
-            written[fmt] = export_colmap_text(out_dir)
-        elif fmt == "ply":
-            written[fmt] = export_ply(out_dir)
-        elif fmt == "3dgs":
-            written[fmt] = export_undistorted(out_dir, image_dir)
-        elif fmt == "nerfstudio":
-            written[fmt] = export_nerfstudio(out_dir, image_dir)
+    for fmt in todo:  # in EXPORT_FORMATS order: nerfstudio is built on the undistorted (3dgs) export
+        key = {"model": model, "max_image_size": options.max_image_size}
+        present, target = _TARGETS[fmt](out_dir)
+        if stamps.get(fmt) == key and present.exists():
+            logger.info("Export %s is up to date: %s", fmt, target)
+        else:
+            if fmt in ("3dgs", "nerfstudio") and image_dir is None:
+                from .sfm import recorded_image_dir
+
+                image_dir = recorded_image_dir(out_dir)
+            _EXPORTERS[fmt](out_dir, image_dir, options)
+            stamps[fmt] = key
+            if fmt == "3dgs":
+                stamps.pop("nerfstudio", None)  # its files were made from the undistorted images just replaced
+            stamps_path.write_text(json.dumps(stamps, indent=2))
+        if fmt in options.formats:
+            written[fmt] = target
     return written
 
 
-def _image_dir_from_run(out_dir: Path) -> Path:
-    record = out_dir / "run.json"
-    if record.is_file():
-        image_dir = json.loads(record.read_text()).get("image_dir")
-        if image_dir and Path(image_dir).is_dir():
-            return Path(image_dir)
-    raise InputError(f"cannot tell where the images of '{out_dir}' are; pass --images PATH")
+def _model_fingerprint(model_dir: Path) -> dict[str, list[int]]:
+    return {file.name: [file.stat().st_size, file.stat().st_mtime_ns] for file in sorted(model_dir.glob("*.bin"))}
+
+
+# What each export writes: the file whose presence says it is there, and the path reported.
+_TARGETS = {
+    "colmap-txt": lambda out: (load_model(out)[0] / "images.txt", load_model(out)[0]),
+    "ply": lambda out: (out / "points3D.ply",) * 2,
+    "3dgs": lambda out: (out / "undistorted" / "sparse" / "0" / "cameras.bin", out / "undistorted"),
+    "nerfstudio": lambda out: (out / "undistorted" / "transforms.json",) * 2,
+}
+_EXPORTERS = {
+    "colmap-txt": lambda out, images, options: export_colmap_text(out),
+    "ply": lambda out, images, options: export_ply(out),
+    "3dgs": lambda out, images, options: export_undistorted(out, images, options.max_image_size),
+    "nerfstudio": lambda out, images, options: export_nerfstudio(out, images),
+}

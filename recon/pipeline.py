@@ -1,61 +1,98 @@
-"""`recon run`: pairs → features → matches → SfM → exports, chaining the stage functions only.
+"""`recon run`: pairs → features → matches → SfM → exports (→ splats), chaining the stage functions only.
+
+`RunConfig` is the composition of the stages' options (one dataclass per stage, each owning its defaults); the
+command line is generated from it (recon.options). Before any stage runs, `RunConfig.check` validates every
+option (pycolmap's mapper options included) and finds every weight file of every backend the run will use, so a
+wrong option or a missing file ends the run at once instead of after an hour of extraction.
 
 Output layout (OUT/):
-    pairs.txt, global-feats.h5 (retrieval only), features.h5, matches.h5,
-    sfm/database.db, sfm/colmap.log, sparse/0 (+ text), points3D.ply,
+    pairs.txt, pairs-stats.json, global-feats.h5 (retrieval only), features.h5, matches.h5,
+    sfm/{database.db, colmap.log.*, sfm_inputs.json}, sparse/0 (+ text), points3D.ply, exports.json,
     undistorted/{images, sparse/0, transforms.json, sparse_pc.ply}, run.json (config, timings, summary)
-Every stage resumes from what its output file already holds, so re-running a killed run finishes it.
+Every stage resumes from what its output already holds, so re-running a killed run finishes it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
 
+from feature_backends import registry
+from feature_backends.errors import ConfigError
 from feature_backends.images import list_images
-from pairs.planner import PairOptions, plan, write_plan
+from pairs.io import read_name_list
+from pairs.planner import PairOptions
 
-from .export import EXPORT_FORMATS, export
+from .dense import DenseOptions, is_dense_matcher, match_dense, parse_matcher_name
+from .export import ExportOptions, export
+from .extract import ExtractOptions, extract
+from .match import MatchOptions, match
+from .options import option, to_dict
+from .pairs import plan_pairs
 from .sfm import SfMOptions, SfMResult, reconstruct
-from .stages import extract, match
+from .splat import SplatConfig
 
 logger = logging.getLogger(__name__)
-
-PairsMethod = Literal["auto", "exhaustive", "sequential", "retrieval", "spatial"]
 
 
 @dataclass
 class RunConfig:
-    features: str = "sift"
-    feature_conf: dict[str, Any] = field(default_factory=dict)
-    matcher: str = "mnn"
-    matcher_conf: dict[str, Any] = field(default_factory=dict)
-    pairs: PairsMethod = "auto"
-    #: "auto" matches exhaustively up to this many images and uses retrieval above.
-    exhaustive_max_images: int = 50
-    num_matched: int = 20
-    overlap: int = 10
-    quadratic_overlap: bool = True  # sequential: also frames i+2^k (COLMAP's default)
-    loop_closure: bool = False  # sequential: add retrieval neighbours every `loop_every` frames
-    loop_every: int = 10
-    retrieval: str = "vlad"
-    retrieval_conf: dict[str, Any] = field(default_factory=dict)
-    query_list: list[str] | None = None  # retrieval: only these images query (default: all)
-    database_list: list[str] | None = None  # retrieval: only these images are retrieved (default: all)
-    min_similarity: float | None = None
-    max_pairs_per_image: int | None = None
-    gps_prior: bool = False  # retrieval / loop closure: only among EXIF-GPS neighbours
-    spatial_max_neighbors: int = 50
-    spatial_max_distance: float = 100.0  # metres
+    pairs: PairOptions = field(default_factory=PairOptions)
+    extract: ExtractOptions = field(default_factory=ExtractOptions)
+    match: MatchOptions = field(default_factory=MatchOptions)
+    dense: DenseOptions = field(default_factory=DenseOptions)
     sfm: SfMOptions = field(default_factory=SfMOptions)
-    exports: tuple[str, ...] = EXPORT_FORMATS
-    device: str | None = None
-    image_list: list[str] | None = None
+    export: ExportOptions = field(default_factory=ExportOptions)
+    train_splats: bool = option(False, flags=("--splat",), help="train Gaussian splats after SfM (recon splat)")
+    splat: SplatConfig = field(default_factory=SplatConfig)
+    device: str | None = option(None, flags=("--device",), help="cpu, cuda, cuda:1 … (default: CUDA when present)")
+    image_list: list[str] | None = option(None, flags=("--image-list",), metavar="FILE",
+                                          argparse={"type": read_name_list},
+                                          help="file of image names to use (default: every image in the folder)")
+
+    @property
+    def dense_mode(self) -> bool:
+        return is_dense_matcher(self.match.matcher)
+
+    def extract_options(self) -> ExtractOptions:
+        """The extraction the run needs: the configured one, or for anchored dense matching ("sift+roma") the
+        anchor detector's (refusing a feature configuration given for another detector)."""
+        anchor, _ = parse_matcher_name(self.match.matcher) if self.dense_mode else (None, None)
+        if anchor is None or anchor == self.extract.features:
+            return self.extract
+        if self.extract != replace(ExtractOptions(), features=self.extract.features):
+            raise ConfigError(
+                f"the feature configuration given is for '{self.extract.features}', but '{self.match.matcher}' "
+                f"anchors on '{anchor}'; pass --features {anchor} with it, or drop it")
+        return replace(ExtractOptions(), features=anchor)
+
+    def check(self, num_images: int) -> list[str]:
+        """Every option valid and every weight file found, before any stage runs; returns the weight files."""
+        self.sfm.check(num_images)
+        self.export.check()
+        if self.train_splats:
+            self.splat.check()
+            if "3dgs" not in self.export.formats:
+                raise ConfigError("--splat trains on the undistorted export: keep '3dgs' in --export")
+        files = []
+        if self.pairs.resolved_method(num_images) == "retrieval" or self.pairs.loop_closure:
+            files += registry.preflight("global", self.pairs.retrieval, self.pairs.retrieval_conf)
+        name, conf = registry.split_conf(self.match.backend_conf())
+        anchor, dense = parse_matcher_name(name) if self.dense_mode else (None, None)
+        if not self.dense_mode or anchor is not None:
+            features, feature_conf = registry.split_conf(self.extract_options().backend_conf())
+            files += registry.preflight("features", features, feature_conf)
+        if self.dense_mode:
+            stage_keys = set(DenseOptions.QUANTISED + DenseOptions.ANCHORED)
+            files += registry.preflight("dense", dense, {k: v for k, v in conf.items() if k not in stage_keys})
+        else:
+            matcher_class, _ = registry.resolve("matcher", name)
+            implied = matcher_class.conf_for_features({"backend": features, "conf": feature_conf})
+            files += registry.preflight("matcher", name, {**implied, **conf})
+        return files
 
 
 @dataclass
@@ -92,75 +129,44 @@ class RunResult:
         return f"{stage} {seconds:.1f}s"
 
 
-def plan_pairs(image_dir: Path, out_dir: Path, names: list[str], config: RunConfig,
-               pairs_path: Path | None = None) -> tuple[Path, str, int]:
-    """Write OUT/pairs.txt (and pairs-stats.json) with the configured (or automatically chosen) method."""
-    method = config.pairs
-    if method == "auto":
-        method = "exhaustive" if len(names) <= config.exhaustive_max_images else "retrieval"
-        logger.info("Pairs: %s for %d images (exhaustive up to %d)", method, len(names), config.exhaustive_max_images)
-    options = PairOptions(
-        method=method, num_matched=config.num_matched, query_list=config.query_list,
-        database_list=config.database_list, min_similarity=config.min_similarity,
-        max_pairs_per_image=config.max_pairs_per_image, overlap=config.overlap,
-        quadratic_overlap=config.quadratic_overlap, loop_closure=config.loop_closure, loop_every=config.loop_every,
-        gps_prior=config.gps_prior, spatial_max_neighbors=config.spatial_max_neighbors,
-        spatial_max_distance=config.spatial_max_distance,
-    )
-    pairs_plan = plan(image_dir, names, options, out_dir / "global-feats.h5", config.retrieval,
-                      config.retrieval_conf, config.device)
-    path = write_plan(pairs_plan, pairs_path or out_dir / "pairs.txt")
-    return path, method, len(pairs_plan.pairs)
+class _Timer(dict):
+    def __call__(self, stage: str, function, *args, **kwargs):
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        self[stage] = self.get(stage, 0.0) + time.perf_counter() - start
+        return result
 
 
 def run(image_dir: str | Path, out_dir: str | Path, config: RunConfig | None = None) -> RunResult:
     config = config or RunConfig()
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     names = list_images(image_dir, config.image_list)
+    config.check(len(names))
     out_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    from .dense import is_dense_matcher  # "roma", or anchored "sift+roma"
-
-    dense = is_dense_matcher(config.matcher)
-
-    start = time.perf_counter()
-    pairs_path, method, num_pairs = plan_pairs(image_dir, out_dir, names, config)
-    timings["pairs"] = time.perf_counter() - start
-
+    timed = _Timer()
     features_path, matches_path = out_dir / "features.h5", out_dir / "matches.h5"
-    if dense:
-        from .dense import match_dense  # the dense matchers' stage: keypoints come from the matches
 
-        start = time.perf_counter()
-        match_dense({"name": config.matcher, **config.matcher_conf}, pairs_path, image_dir, features_path,
-                    matches_path, features=config.features, feature_conf=config.feature_conf, device=config.device)
-        timings["match"] = time.perf_counter() - start
+    pairs_plan = timed("pairs", plan_pairs, image_dir, out_dir / "pairs.txt", config.pairs, names, config.device)
+    pairs_path = out_dir / "pairs.txt"
+    anchor, _ = parse_matcher_name(config.match.matcher) if config.dense_mode else (None, None)
+    if not config.dense_mode or anchor is not None:
+        timed("extract", extract, config.extract_options(), image_dir, features_path, names, config.device)
+    if config.dense_mode:
+        timed("match", match_dense, config.match.backend_conf(), pairs_path, image_dir, features_path,
+              matches_path, config.dense, config.device)
     else:
-        start = time.perf_counter()
-        extract({"name": config.features, **config.feature_conf}, image_dir, features_path, names, config.device)
-        timings["extract"] = time.perf_counter() - start
-        start = time.perf_counter()
-        match({"name": config.matcher, **config.matcher_conf}, pairs_path, features_path, matches_path,
-              config.device)
-        timings["match"] = time.perf_counter() - start
+        timed("match", match, config.match, pairs_path, features_path, matches_path, config.device)
+    sfm = timed("sfm", reconstruct, out_dir, image_dir, pairs_path, features_path, matches_path, config.sfm)
+    written = timed("export", export, out_dir, config.export, image_dir)
+    if config.train_splats:
+        from .splat import splat
 
-    start = time.perf_counter()
-    sfm = reconstruct(out_dir / "sfm", image_dir, pairs_path, features_path, matches_path, config.sfm)
-    timings["sfm"] = time.perf_counter() - start
-    # The model users look for is OUT/sparse/0, as COLMAP and nerfstudio lay it out.
-    sparse = out_dir / "sparse"
-    shutil.rmtree(sparse, ignore_errors=True)
-    shutil.copytree(sfm.sparse_dir.parent, sparse)
-    sfm.sparse_dir = sparse / "0"
+        splat_config = replace(config.splat, device=config.splat.device or config.device)
+        written["splats"] = timed("splat", splat, out_dir, splat_config)
 
-    start = time.perf_counter()
-    written = export(out_dir, config.exports, image_dir)
-    timings["export"] = time.perf_counter() - start
-
-    result = RunResult(out_dir, len(names), method, num_pairs, sfm, timings,
+    result = RunResult(out_dir, len(names), pairs_plan.method, len(pairs_plan.pairs), sfm, dict(timed),
                        {fmt: str(path) for fmt, path in written.items()})
-    record = {"image_dir": str(image_dir.resolve()), "config": asdict(config),
-              "result": {**asdict(sfm), "sparse_dir": str(sfm.sparse_dir)}, "timings": timings,
-              "pairs_method": method, "num_pairs": num_pairs}
+    record = {"image_dir": str(image_dir.resolve()), "config": to_dict(config), "result": sfm.to_dict(),
+              "timings": dict(timed), "pairs_method": pairs_plan.method, "num_pairs": len(pairs_plan.pairs)}
     (out_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
     return result

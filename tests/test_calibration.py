@@ -7,7 +7,7 @@ import numpy as np
 import pycolmap
 import pytest
 
-from recon.calibration import refine_principal_points
+from recon.sfm.calibration import refine_principal_points
 
 WIDTH, HEIGHT, FOCAL = 640, 480, 800.0
 
@@ -89,14 +89,15 @@ def test_cameras_with_few_images_are_not_touched():
 def test_temple_ring_principal_point_is_rejected_and_full_ring_recovered(shared_data, tmp_path):
     """Middlebury's true principal point is (302.3, 246.9): the 47-view ring determines it, the 19-view subset
     does not (freed, it drifts by >100 px and pose AUC@1 collapses from 32 to 0.3)."""
+    from recon.export import ExportOptions
     from recon.pipeline import RunConfig, run
 
     for scene in ("temple_ring", "temple_ring_full"):
         if not (shared_data / scene).is_dir():
             pytest.skip(f"{scene} absent")
-    sparse = run(shared_data / "temple_ring", tmp_path / "ring", RunConfig(exports=())).sfm.sparse_dir
+    sparse = run(shared_data / "temple_ring", tmp_path / "ring", RunConfig(export=ExportOptions(formats=()))).sfm.sparse_dir
     np.testing.assert_allclose(principal_point(pycolmap.Reconstruction(sparse)), [WIDTH / 2, HEIGHT / 2])
-    sparse = run(shared_data / "temple_ring_full", tmp_path / "full", RunConfig(exports=())).sfm.sparse_dir
+    sparse = run(shared_data / "temple_ring_full", tmp_path / "full", RunConfig(export=ExportOptions(formats=()))).sfm.sparse_dir
     assert np.abs(principal_point(pycolmap.Reconstruction(sparse)) - [302.3, 246.9]).max() < 8
 
 
@@ -107,7 +108,7 @@ def test_temple_ring_principal_point_is_rejected_and_full_ring_recovered(shared_
 ])
 def test_verification_threshold_follows_the_detection_resolution(tmp_path, record, size, expected):
     from feature_backends.store import FeatureWriter
-    from recon.sfm import verification_error
+    from recon.sfm.verification import verification_error
 
     path = tmp_path / "features.h5"
     with FeatureWriter(path, conf=record) as writer:

@@ -19,8 +19,20 @@ from feature_backends.base import LocalFeatures
 from feature_backends.dense_warp import Warp, WarpMatcher, to_normalized
 from feature_backends.errors import ConfigError
 from feature_backends.store import FeatureReader, MatchReader
-from pairs.io import write_pairs
-from recon.dense import anchor_matches, is_dense_matcher, match_dense, parse_matcher_name
+from pairs.io import read_pairs, write_pairs
+from recon.dense import is_dense_matcher, match_dense, parse_matcher_name
+from recon.dense.anchored import anchor_matches
+from recon.extract import extract
+
+
+def dense_stage(conf, pairs, image_dir, features_path, matches_path, features=None, feature_conf=None):
+    """What `recon run` does for a dense matcher: anchored ("sift+oracle") extracts the anchor keypoints first,
+    then the dense stage; returns (features.h5, matches.h5)."""
+    anchor, _ = parse_matcher_name(conf["name"])
+    if anchor is not None:
+        extract({"name": features or anchor, **(feature_conf or {})}, image_dir, features_path,
+                sorted({n for pair in read_pairs(pairs) for n in pair}))
+    return features_path, match_dense(conf, pairs, image_dir, features_path, matches_path)
 
 
 def image_key(image: np.ndarray) -> str:
@@ -176,7 +188,7 @@ def test_matcher_names_select_the_dense_stage(oracles):
 def test_quantised_mode_yields_exactly_the_translated_pixels(crops, oracles, tmp_path):
     image_dir, pairs, offsets, table = crops
     conf = {"name": "translation-oracle", "offsets": table, "cell_size": 1, "max_error": 1}
-    features, matches = match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    features, matches = dense_stage(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
     with FeatureReader(features) as reader:
         keypoints = {name: reader.read_keypoints(name) for name in offsets}
     with MatchReader(matches) as reader:
@@ -198,7 +210,7 @@ def test_quantised_mode_yields_exactly_the_translated_pixels(crops, oracles, tmp
 def test_quantised_mode_merges_within_cells(crops, oracles, tmp_path):
     image_dir, pairs, offsets, table = crops
     conf = {"name": "translation-oracle", "offsets": table, "cell_size": 4, "max_error": 2}
-    features, matches = match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    features, matches = dense_stage(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
     with FeatureReader(features) as reader:
         a, b = reader.read_keypoints("a.png"), reader.read_keypoints("b.png")
     found = read_matches(matches, "a.png", "b.png")
@@ -226,7 +238,7 @@ def test_anchored_mode_yields_exactly_the_mutual_neighbours(crops, oracles, tmp_
     image_dir, pairs, offsets, table = crops
     conf = {"name": "sift+translation-oracle", "offsets": table, "symmetric": symmetric, "radius": 1.5,
             "propagate": False}  # the pairwise rule alone (propagation: test_propagation_completes_tracks_...)
-    features, matches = match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    features, matches = dense_stage(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
     with FeatureReader(features) as reader:
         keypoints = {name: reader.read_keypoints(name) for name in offsets}
         assert reader.read("a.png")["descriptors"].shape[0] == 128  # SIFT's own features file
@@ -259,18 +271,29 @@ def test_each_image_is_encoded_once_per_stage(crops, oracles, tmp_path, monkeypa
     image_dir, pairs, _, table = crops  # (a, b), (b, c), (a, c): each image is in two pairs
     encoded = []
     monkeypatch.setattr(TranslationOracle, "encode", lambda self, image: encoded.append(1) or {"image": image})
-    match_dense({"name": matcher, "offsets": table}, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    dense_stage({"name": matcher, "offsets": table}, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
     assert len(encoded) == 3
 
 
 def test_stage_keys_of_the_other_mode_are_rejected(crops, oracles, tmp_path):
     image_dir, pairs, _, table = crops
     with pytest.raises(ConfigError, match="other dense keypoint mode"):
-        match_dense({"name": "translation-oracle", "offsets": table, "radius": 2}, pairs, image_dir,
+        dense_stage({"name": "translation-oracle", "offsets": table, "radius": 2}, pairs, image_dir,
                     tmp_path / "f.h5", tmp_path / "m.h5")
+    from recon.extract import ExtractOptions
+    from recon.match import MatchOptions
+    from recon.pipeline import RunConfig
+
+    config = RunConfig(extract=ExtractOptions(features="disk", max_keypoints=10),
+                       match=MatchOptions(matcher="sift+translation-oracle"))
     with pytest.raises(ConfigError, match="anchors on 'sift'"):
-        match_dense({"name": "sift+translation-oracle", "offsets": table}, pairs, image_dir, tmp_path / "f.h5",
-                    tmp_path / "m.h5", features="disk", feature_conf={"max_keypoints": 10})
+        config.extract_options()
+    assert RunConfig(match=MatchOptions(matcher="dad+roma")).extract_options().features == "dad"
+    # The stage itself refuses keypoints of another detector than the one it anchors on.
+    extract({"name": "sift", "max_keypoints": 50}, image_dir, tmp_path / "f.h5")
+    with pytest.raises(ConfigError, match="holds 'sift' keypoints, but the matcher anchors on 'disk'"):
+        match_dense({"name": "disk+translation-oracle", "offsets": table}, pairs, image_dir, tmp_path / "f.h5",
+                    tmp_path / "m.h5")
 
 
 def interrupt_warps_after(monkeypatch, count: int):
@@ -292,13 +315,13 @@ def interrupt_warps_after(monkeypatch, count: int):
 def test_quantised_resume_equals_an_uninterrupted_run(crops, oracles, tmp_path, monkeypatch):
     image_dir, pairs, offsets, table = crops
     conf = {"name": "translation-oracle", "offsets": table}
-    match_dense(conf, pairs, image_dir, tmp_path / "full_f.h5", tmp_path / "full_m.h5")
+    dense_stage(conf, pairs, image_dir, tmp_path / "full_f.h5", tmp_path / "full_m.h5")
     original = interrupt_warps_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+        dense_stage(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
     counted = []
     monkeypatch.setattr(TranslationOracle, "warp_images", lambda s, a, b: counted.append(1) or original(s, a, b))
-    match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    dense_stage(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
     assert len(counted) == 1  # only the pair the interruption hit is matched again
     with FeatureReader(tmp_path / "f.h5") as resumed, FeatureReader(tmp_path / "full_f.h5") as full:
         for name in offsets:
@@ -308,18 +331,20 @@ def test_quantised_resume_equals_an_uninterrupted_run(crops, oracles, tmp_path, 
                                       read_matches(tmp_path / "full_m.h5", *pair))
     # A complete output is left untouched by another run.
     stamps = [(tmp_path / f).stat().st_mtime_ns for f in ("f.h5", "m.h5")]
-    match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    dense_stage(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
     assert len(counted) == 1 and stamps == [(tmp_path / f).stat().st_mtime_ns for f in ("f.h5", "m.h5")]
 
 
 @pytest.mark.parametrize("matcher", ["scene-oracle", "sift+scene-oracle"])
 def test_run_with_the_ground_truth_matcher_registers_every_image(synthetic_scene, oracles, tmp_path, matcher):
     from recon.eval import evaluate
+    from recon.export import ExportOptions
+    from recon.match import MatchOptions
     from recon.pipeline import RunConfig, run
 
     names = sorted(p.name for p in (synthetic_scene / "images").iterdir())[:8]  # 28 pairs keep this fast
-    config = RunConfig(matcher=matcher, matcher_conf={"scene": str(synthetic_scene), "num_matches": 1000},
-                       exports=(), image_list=names)
+    config = RunConfig(match=MatchOptions(matcher, {"scene": str(synthetic_scene), "num_matches": 1000}),
+                       export=ExportOptions(formats=()), image_list=names)
     result = run(synthetic_scene / "images", tmp_path / "out", config)
     scores = evaluate(result.sfm.sparse_dir, synthetic_scene / "gt", image_names=names)
     assert result.sfm.num_registered == scores.num_registered == 8
@@ -361,10 +386,12 @@ def test_plane_scene_correspondences_are_exact_and_occlusion_aware(plane_scene):
 
 def plane_run(scene, out, matcher, **conf):
     from recon.eval import evaluate
+    from recon.export import ExportOptions
+    from recon.match import MatchOptions
     from recon.pipeline import RunConfig, run
 
-    result = run(scene / "images", out, RunConfig(matcher=matcher, matcher_conf={"scene": str(scene), **conf},
-                                                  exports=()))
+    config = RunConfig(match=MatchOptions(matcher, {"scene": str(scene), **conf}), export=ExportOptions(formats=()))
+    result = run(scene / "images", out, config)
     model = pycolmap.Reconstruction(result.sfm.sparse_dir)
     images = [[e.image_id for e in p.track.elements] for p in model.points3D.values()]
     shared = sum(len(i) - len(set(i)) for i in images)
@@ -395,7 +422,7 @@ def test_anchored_tracks_have_one_observation_per_image(plane_scene, oracles, tm
 
 
 def test_track_check_refuses_a_second_keypoint_in_one_image():
-    from recon.dense import _Tracks
+    from recon.dense.anchored import _Tracks
 
     tracks = _Tracks()
     one = np.ones(4)
@@ -458,7 +485,7 @@ def test_propagation_completes_tracks_where_a_keypoint_was_not_detected(crops, o
     for propagate in (False, True):
         out = tmp_path / str(propagate)
         conf = {"name": "given+translation-oracle", "offsets": table, "propagate": propagate}
-        match_dense(conf, pairs, image_dir, out / "f.h5", out / "m.h5", features="given",
+        dense_stage(conf, pairs, image_dir, out / "f.h5", out / "m.h5", features="given",
                     feature_conf={"table": given})
         tracks = tracks_of(out / "m.h5", all_pairs)
         with FeatureReader(out / "f.h5") as reader:
@@ -490,7 +517,7 @@ def test_propagation_completes_tracks_where_a_keypoint_was_not_detected(crops, o
     # file) on the features file that propagation extended leaves the detected keypoints only.
     out = tmp_path / "True"
     (out / "m.h5").unlink()
-    match_dense({"name": "given+translation-oracle", "offsets": table, "propagate": False}, pairs, image_dir,
+    dense_stage({"name": "given+translation-oracle", "offsets": table, "propagate": False}, pairs, image_dir,
                 out / "f.h5", out / "m.h5", features="given", feature_conf={"table": given})
     with FeatureReader(out / "f.h5") as reader:
         assert {name: reader.keypoint_counts(name)[0] for name in offsets} == {n: len(i) for n, i in detected.items()}
@@ -508,7 +535,7 @@ def test_anchored_propagation_resume_equals_an_uninterrupted_run(crops, oracles,
 
     image_dir, pairs, offsets, table = crops
     conf = {"name": "sift+translation-oracle", "offsets": table, "propagate": True}
-    match_dense(conf, pairs, image_dir, tmp_path / "full_f.h5", tmp_path / "full_m.h5")
+    dense_stage(conf, pairs, image_dir, tmp_path / "full_f.h5", tmp_path / "full_m.h5")
     with FeatureReader(tmp_path / "full_f.h5") as full:
         assert sum(np.subtract(*full.keypoint_counts(name)) for name in offsets) > 5  # propagation did add some
     original_publish = store._Journal.publish
@@ -529,7 +556,7 @@ def test_anchored_propagation_resume_equals_an_uninterrupted_run(crops, oracles,
         monkeypatch.setattr(store._Journal, "publish", killed)
         monkeypatch.setattr(store._Journal, "maybe_checkpoint", lambda self: self.dirty and self.publish(True))
     with pytest.raises(KeyboardInterrupt):
-        match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+        dense_stage(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
     monkeypatch.undo()
     monkeypatch.setitem(registry.BACKENDS["dense"], "translation-oracle", f"{__name__}:TranslationOracle")
     with MatchReader(tmp_path / "m.h5") as reader:
@@ -542,7 +569,7 @@ def test_anchored_propagation_resume_equals_an_uninterrupted_run(crops, oracles,
         with FeatureReader(tmp_path / "f.h5") as reader:
             counts = {name: reader.keypoint_counts(name) for name in offsets}
         assert any(total > max(detected, referenced[name]) for name, (total, detected) in counts.items()), counts
-    match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    dense_stage(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
     with FeatureReader(tmp_path / "f.h5") as resumed, FeatureReader(tmp_path / "full_f.h5") as full:
         for name in offsets:
             a, b = resumed.read(name), full.read(name)
@@ -593,7 +620,7 @@ def test_memory_stays_flat_over_200_pairs(oracles, tmp_path, monkeypatch):
     conf = {"name": "translation-oracle", "offsets": table, "num_matches": 500, "balanced": False}
     tracemalloc.start()
     try:
-        match_dense(conf, pairs_path, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+        dense_stage(conf, pairs_path, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

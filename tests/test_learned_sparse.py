@@ -420,11 +420,10 @@ def test_pipeline_runs_every_stage(random_weights, synthetic_scene, tmp_path, fe
     from feature_backends.errors import ReconError
     from feature_backends.store import FeatureReader, MatchReader, read_stored_conf
     from pairs.io import read_pairs
-    from recon.pipeline import RunConfig, run
+    from recon.pipeline import run
 
     names = sorted(p.name for p in (synthetic_scene / "images").iterdir())[:3]
-    config = RunConfig(features=features, feature_conf={**SMALL, "resize_max": 96, **feature_conf},
-                       matcher=matcher, matcher_conf=matcher_conf, image_list=names, exports=())
+    config = small_run(features, {**SMALL, "resize_max": 96, **feature_conf}, matcher, matcher_conf, names)
     try:
         run(synthetic_scene / "images", tmp_path, config)
         assert (tmp_path / "sparse" / "0").is_dir()
@@ -551,7 +550,7 @@ def test_pipeline_runs_dedode_g_with_dinov2_vit_large(random_weights, synthetic_
     from feature_backends.errors import ReconError
     from feature_backends.store import FeatureReader, MatchReader
     from pairs.io import read_pairs
-    from recon.pipeline import RunConfig, run
+    from recon.pipeline import run
 
     torch.manual_seed(1)
     vit = vit_large(img_size=518, patch_size=14, init_values=1.0, ffn_layer="mlp", block_chunks=0)
@@ -561,8 +560,8 @@ def test_pipeline_runs_dedode_g_with_dinov2_vit_large(random_weights, synthetic_
     del vit
 
     names = sorted(p.name for p in (synthetic_scene / "images").iterdir())[:3]
-    config = RunConfig(features="dedode", feature_conf={**SMALL, "resize_max": 112, "descriptor": "G-upright"},
-                       matcher="dual-softmax", matcher_conf={"threshold": 0.0}, image_list=names, exports=())
+    config = small_run("dedode", {**SMALL, "resize_max": 112, "descriptor": "G-upright"}, "dual-softmax",
+                       {"threshold": 0.0}, names)
     try:
         run(synthetic_scene / "images", tmp_path, config)
     except ReconError as error:  # random weights: mapping may fail to initialise, nothing else may
@@ -582,16 +581,26 @@ def test_pipeline_steers_c4_descriptors_from_the_features_record(random_weights,
 
     from feature_backends.errors import ReconError
     from feature_backends.store import read_stored_conf
-    from recon.pipeline import RunConfig, run
+    from recon.pipeline import run
 
     torch.save(DiscreteSteerer.create_dedode_default("C4").generator.detach(),
                random_weights / "B_C4_Perm_steerer_setting_C.pth")
     names = sorted(p.name for p in (synthetic_scene / "images").iterdir())[:3]
-    config = RunConfig(features="dedode", feature_conf={**SMALL, "resize_max": 96, "descriptor": "B-C4"},
-                       matcher="mnn", image_list=names, exports=())
+    config = small_run("dedode", {**SMALL, "resize_max": 96, "descriptor": "B-C4"}, "mnn", {}, names)
     try:
         run(synthetic_scene / "images", tmp_path, config)
     except ReconError as error:
         assert "mapping failed" in str(error)
     recorded = read_stored_conf(tmp_path / "matches.h5")["conf"]
     assert recorded["steerer"] == "C4" and recorded["steerer_descriptor"] == "B"
+
+
+def small_run(features: str, feature_conf: dict, matcher: str, matcher_conf: dict, names: list[str]):
+    """The RunConfig of the end-to-end runs here: given images only, no exports."""
+    from recon.export import ExportOptions
+    from recon.extract import ExtractOptions
+    from recon.match import MatchOptions
+    from recon.pipeline import RunConfig
+
+    return RunConfig(extract=ExtractOptions(features, feature_conf), match=MatchOptions(matcher, matcher_conf),
+                     export=ExportOptions(formats=()), image_list=names)

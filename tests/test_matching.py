@@ -134,7 +134,7 @@ def test_one_to_many_equals_pairwise(mutual):
 
 
 def test_match_stage_batches_by_first_image(tmp_path):
-    from recon.stages import _batches_by_first_image
+    from recon.match import _batches_by_first_image
 
     cache = {f"i{k}": {"keypoints": np.zeros((n, 2))} for k, n in enumerate([10, 4, 8, 6])}
     pairs = [("i0", "i1"), ("i0", "i2"), ("i1", "i2"), ("i0", "i3"), ("i1", "i3")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,7 @@ def test_sequential_loop_closure_finds_the_revisit(tmp_path):
     names = sorted(p.name for p in images.iterdir())
     options = PairOptions(method="sequential", overlap=3, quadratic_overlap=False, loop_closure=True,
                           loop_every=10, num_matched=1)
-    result = plan(images, names, options, tmp_path / "global-feats.h5", retrieval="angle")
+    result = plan(images, names, replace(options, retrieval="angle"), tmp_path / "global-feats.h5")
     window = colmap_sequential_reference(names, 3, False)
     loops = {tuple(sorted(pair)) for pair in result.pairs} - {tuple(sorted(pair)) for pair in window}
     assert loops == {("000.png", "040.png"), ("010.png", "050.png"), ("020.png", "060.png"), ("030.png", "070.png")}
@@ -153,11 +154,12 @@ def test_retrieval_query_and_database_lists(tmp_path):
     names = sorted(p.name for p in images.iterdir())
     queries, database = names[:3], names[6:]
     options = PairOptions(method="retrieval", num_matched=2, query_list=queries, database_list=database)
-    result = plan(images, names, options, tmp_path / "g.h5", retrieval="angle")
+    result = plan(images, names, replace(options, retrieval="angle"), tmp_path / "g.h5")
     assert len(result.pairs) == 6
     assert all(a in queries and b in database for a, b in result.pairs)
     with pytest.raises(InputError, match="not in the collection"):
-        plan(images, names, PairOptions(query_list=["nope.jpg"]), tmp_path / "g.h5", retrieval="angle")
+        plan(images, names, PairOptions(method="retrieval", query_list=["nope.jpg"], retrieval="angle"),
+             tmp_path / "g.h5")
 
 
 # ---------------------------------------------------------------- GPS
@@ -204,23 +206,22 @@ def test_spatial_pairs_within_radius_and_k_nearest(tmp_path):
 
 def test_gps_prior_restricts_retrieval(tmp_path):
     names = _two_towns(tmp_path / "images")
-    free = plan(tmp_path / "images", names, PairOptions(method="retrieval", num_matched=1), tmp_path / "g.h5",
-                retrieval="angle")
+    free = plan(tmp_path / "images", names, PairOptions(method="retrieval", num_matched=1, retrieval="angle"),
+                tmp_path / "g.h5")
     twins = {(f"a{i}.jpg", f"b{i}.jpg") for i in range(5)}
     assert twins <= {tuple(sorted(p)) for p in free.pairs}  # appearance alone pairs the look-alike towns
 
-    prior = plan(tmp_path / "images", names, PairOptions(method="retrieval", num_matched=1, gps_prior=True),
-                 tmp_path / "g.h5", retrieval="angle")
+    prior = plan(tmp_path / "images", names, PairOptions(method="retrieval", num_matched=1, gps_prior=True,
+                                                         retrieval="angle"), tmp_path / "g.h5")
     pairs = {tuple(sorted(p)) for p in prior.pairs}
     assert not pairs & twins
     assert all(a[0] == b[0] or "x" in (a[0], b[0]) for a, b in pairs)  # same town, or an image without GPS
     assert any("x" in (a[0], b[0]) for a, b in pairs)  # images without GPS were not excluded
 
     loops = PairOptions(method="sequential", overlap=1, loop_closure=True, loop_every=1, num_matched=1)
-    free = plan(tmp_path / "images", names, loops, tmp_path / "g.h5", retrieval="angle")
+    free = plan(tmp_path / "images", names, replace(loops, retrieval="angle"), tmp_path / "g.h5")
     assert twins <= {tuple(sorted(p)) for p in free.pairs}
-    loops.gps_prior = True
-    prior = plan(tmp_path / "images", names, loops, tmp_path / "g.h5", retrieval="angle")
+    prior = plan(tmp_path / "images", names, replace(loops, retrieval="angle", gps_prior=True), tmp_path / "g.h5")
     assert not {tuple(sorted(p)) for p in prior.pairs} & twins  # the prior applies to loop closure as well
 
 

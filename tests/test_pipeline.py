@@ -15,7 +15,8 @@ from pairs.io import read_pairs, write_pairs
 from recon.cli import main
 from recon.eval import evaluate
 from recon.pipeline import RunConfig, run
-from recon.stages import extract, match
+from recon.extract import extract
+from recon.match import match
 
 
 def test_run_registers_every_image_with_accurate_poses(synthetic_scene, synthetic_run):
@@ -109,15 +110,15 @@ def test_rerun_recomputes_nothing(synthetic_scene, synthetic_run, monkeypatch):
         raise AssertionError("recomputed")
 
     monkeypatch.setattr(SIFT, "extract", forbidden)
-    monkeypatch.setattr("recon.sfm._reconstruct_here", forbidden)
-    monkeypatch.setattr("recon.sfm._reconstruct_in_fresh_process", forbidden)
+    monkeypatch.setattr("recon.sfm.reconstruct_here", forbidden)
+    monkeypatch.setattr("recon.sfm.process.reconstruct_in_fresh_process", forbidden)
     again = run(synthetic_scene / "images", synthetic_run.out_dir)
     assert again.sfm.num_registered == synthetic_run.sfm.num_registered
     assert again.sfm.num_points == synthetic_run.sfm.num_points
 
 
 def test_sfm_in_a_fresh_process_equals_sfm_here_and_returns_its_errors(synthetic_scene, synthetic_run, tmp_path):
-    from feature_backends.errors import InputError
+    from feature_backends.errors import ConfigError
     from recon.sfm import SfMOptions, reconstruct
 
     out = synthetic_run.out_dir
@@ -130,12 +131,12 @@ def test_sfm_in_a_fresh_process_equals_sfm_here_and_returns_its_errors(synthetic
         twin = model_there.find_image_with_name(image.name)
         np.testing.assert_allclose(image.projection_center(), twin.projection_center(), atol=1e-6)
     # An error raised inside the child reaches the caller with its class and message.
-    with pytest.raises(InputError, match="unknown pycolmap option 'mapper_options.no_such_option'"):
+    with pytest.raises(ConfigError, match="unknown pycolmap option 'no_such_option'"):
         reconstruct(tmp_path / "bad", *inputs, options=SfMOptions(mapper_options={"no_such_option": 1}))
 
 
 def test_camera_modes_and_exif_focal(tmp_path):
-    from recon.database import exif_focal_pixels, import_features
+    from recon.sfm.database import exif_focal_pixels, import_features
     from feature_backends.store import FeatureWriter
 
     exif = Image.Exif()

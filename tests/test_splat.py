@@ -21,7 +21,7 @@ import torch
 from plyfile import PlyData
 
 from feature_backends.errors import ConfigError, InputError
-from recon.ply3dgs import GaussianArrays, property_names, read_ply, write_ply
+from recon.splat.ply import GaussianArrays, property_names, read_ply, write_ply
 from recon.splat import SplatConfig, composite_sorted_pairs, relocation_torch, splat
 
 # Short schedules so the strategies act within a test-sized run.

@@ -1,4 +1,4 @@
-"""Import hloc-format features and matches into a COLMAP database, then verify them geometrically.
+"""Import hloc-format features and matches into a COLMAP database (verification: recon.sfm.verification).
 
 Cameras are built here rather than by `pycolmap.import_images` because recon applies EXIF orientation to
 every image (feature_backends.images): the camera's width and height must be those of the upright image the
@@ -11,8 +11,7 @@ database from another configuration is a classic source of wrong models (hloc de
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from feature_backends.errors import InputError
 from feature_backends.store import FeatureReader, MatchReader
-from pairs.io import check_names, write_pairs
+from pairs.io import check_names, deduplicate
 
 logger = logging.getLogger(__name__)
 
@@ -62,15 +61,6 @@ def exif_focal_pixels(path: str | Path, width: int, height: int) -> float | None
         # The focal-plane resolution refers to the sensor's original pixel grid.
         return float(focal_mm) * pixels_per_mm * max(width, height) / original_width
     return None
-
-
-@dataclass(frozen=True)
-class ImportResult:
-    database_path: Path
-    image_ids: dict[str, int]
-    num_cameras: int
-    num_pairs: int
-    num_matches: int
 
 
 def _camera_group(name: str, size: tuple[int, int], mode: CameraMode) -> tuple:
@@ -137,57 +127,14 @@ def import_matches(
 ) -> dict[tuple[str, str], int]:
     """Write raw matches of every pair (de-duplicated in both directions); return the match count per pair."""
     check_names(pairs, image_ids, "the pairs file")
-    seen: set[tuple[int, int]] = set()
     counts: dict[tuple[str, str], int] = {}
     with MatchReader(matches_path) as reader, pycolmap.Database.open(database_path) as db:
-        for name0, name1 in tqdm(pairs, desc="import matches", unit="pair"):
-            id0, id1 = image_ids[name0], image_ids[name1]
-            key = (min(id0, id1), max(id0, id1))
-            if id0 == id1 or key in seen:
-                continue
-            seen.add(key)
+        for name0, name1 in tqdm(deduplicate(pairs), desc="import matches", unit="pair"):
             if not reader.has(name0, name1):
                 raise InputError(f"pair ({name0}, {name1}) has no matches in '{matches_path}'; run the match stage")
             matches, scores = reader.read(name0, name1)
             if min_match_score is not None:
                 matches = matches[scores > min_match_score]
-            db.write_matches(id0, id1, matches.astype(np.uint32))
+            db.write_matches(image_ids[name0], image_ids[name1], matches.astype(np.uint32))
             counts[(name0, name1)] = len(matches)
     return counts
-
-
-#: Inlier-ratio floors the RANSAC trial cap is set from, per group of pairs (see `verify_matches`).
-_TRIAL_CAP_RATIOS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
-
-
-def verify_matches(
-    database_path: str | Path,
-    pair_match_counts: Mapping[tuple[str, str], int],
-    work_dir: str | Path,
-    options: pycolmap.TwoViewGeometryOptions | None = None,
-) -> int:
-    """COLMAP's geometric verification over the given pairs; returns the number of verified pairs.
-
-    COLMAP caps every RANSAC at the trials needed to draw one clean sample at `ransac.min_inlier_ratio` (0.25),
-    the same for all pairs. But a pair with N raw matches can only verify with at least `min_num_inliers` of them,
-    so its inlier ratio is at least min_num_inliers / N: a pair of 17 chance matches needs ~100 trials, not the
-    10,000 it gets, and such pairs are most of what exhaustive matching sends (on temple_ring_full 99 of 424
-    candidates failed and took most of the 10 s of verification). Pairs are therefore verified in groups, each with
-    the cap of its smallest admissible ratio, floored to a grid so the cap is never tighter than the bound.
-    """
-    options = options or pycolmap.TwoViewGeometryOptions()
-    base_ratio = options.ransac.min_inlier_ratio
-    groups: dict[float, list[tuple[str, str]]] = {}
-    for pair, count in pair_match_counts.items():
-        bound = options.min_num_inliers / max(count, 1)
-        ratio = next((r for r in _TRIAL_CAP_RATIOS if r <= bound and r > base_ratio), base_ratio)
-        groups.setdefault(ratio, []).append(pair)
-    write_pairs(Path(work_dir) / "pairs-verification.txt", list(pair_match_counts))
-    group_file = Path(work_dir) / "pairs-verification.group.txt"
-    for ratio, pairs in sorted(groups.items()):
-        group_options = pycolmap.TwoViewGeometryOptions(options.todict())
-        group_options.ransac.min_inlier_ratio = ratio
-        pycolmap.verify_matches(database_path, write_pairs(group_file, pairs), group_options)
-    group_file.unlink(missing_ok=True)
-    with pycolmap.Database.open(database_path) as db:
-        return db.num_verified_image_pairs()

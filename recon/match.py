@@ -1,0 +1,106 @@
+"""The sparse matching stage, shaped like hloc's match_features: pairs + features.h5 in, matches.h5 out.
+
+`match(options, pairs_path, features_path, matches_path)` writes matches.h5 for every pair not already in it.
+`options` is a `MatchOptions` or a backend conf (`{"name": "mnn", **conf}`). The matcher's conf starts from what
+the features imply (`SparseMatcher.conf_for_features`, read from the record in features.h5: LightGlue's weights,
+DeDoDe's steerer), and the configuration is recorded in matches.h5 so a resume with another one is refused.
+Dense matchers (`roma`, `sift+roma`) have their own stage, recon.dense.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from feature_backends import registry
+from feature_backends.store import FeatureReader, MatchWriter, read_stored_conf
+from pairs.io import check_names, read_pairs
+
+from .cache import ByteBudgetCache
+from .options import option
+
+logger = logging.getLogger(__name__)
+
+
+def _matcher_help() -> str:
+    return (f"sparse ({', '.join(registry.names('matcher'))}), dense ({', '.join(registry.names('dense'))}), "
+            "or anchored dense FEATURES+DENSE (e.g. sift+roma, dad+roma)")
+
+
+@dataclass
+class MatchOptions:
+    matcher: str = option("mnn", flags=("--matcher",), help=_matcher_help)
+    conf: dict = option(default_factory=dict, flags=("--conf",), run_flags=("--matcher-conf",),
+                        help="matcher option (repeatable; JSON values), e.g. ratio_threshold=0.9")
+    ratio: float | None = option(None, flags=("--ratio",), help="mnn: Lowe ratio threshold")
+
+    def backend_conf(self) -> dict[str, Any]:
+        conf = dict(self.conf)
+        if self.ratio is not None:
+            conf["ratio_threshold"] = self.ratio
+        return {"name": self.matcher, **conf}
+
+
+def match(
+    options: MatchOptions | Mapping[str, Any] | str,
+    pairs_path: str | Path,
+    features_path: str | Path,
+    matches_path: str | Path,
+    device: Any = None,
+) -> Path:
+    if isinstance(options, MatchOptions):
+        options = options.backend_conf()
+    name, backend_conf = registry.split_conf(options)
+    pairs = read_pairs(pairs_path)
+    matcher_class, _ = registry.resolve("matcher", name)
+    implied = matcher_class.conf_for_features(read_stored_conf(features_path))
+    model = registry.get_backend("matcher", name, {**implied, **backend_conf}, device=device)
+    logger.info("Matching %d pairs with %s: %s", len(pairs), name, model.conf.to_dict())
+    record = {"backend": name, "conf": model.conf.to_dict()}
+    with FeatureReader(features_path) as reader:
+        check_names(pairs, reader.names(), f"pairs file '{pairs_path}'")
+        cache = ByteBudgetCache(reader.read, max_bytes=1 << 30)  # pairs revisit the same images
+        with MatchWriter(matches_path, conf=record) as writer:
+            todo = pending_pairs(writer, pairs, matches_path)
+            progress = tqdm(total=len(todo), desc=f"match {name}", unit="pair")
+            for name0, partners in _batches_by_first_image(todo, cache):
+                results = model.match_many(cache[name0], [cache[name1] for name1 in partners])
+                for name1, result in zip(partners, results):
+                    writer.write(name0, name1, result)
+                progress.update(len(partners))
+            progress.close()
+    return Path(matches_path)
+
+
+def pending_pairs(writer, pairs, matches_path) -> list[tuple[str, str]]:
+    """The pairs a match stage still has to compute (in the given order), saying so when it resumes."""
+    todo = [pair for pair in pairs if not writer.has(*pair)]
+    if len(todo) < len(pairs):
+        logger.info("Resuming: %d of %d pairs already in %s", len(pairs) - len(todo), len(pairs), matches_path)
+    return todo
+
+
+def _batches_by_first_image(pairs, cache: ByteBudgetCache, max_elements: int = 1 << 25):
+    """(name0, [name1, ...]) groups in pair order, each small enough that one batched similarity matrix
+    (keypoints of name0 x partners x their largest keypoint count) stays under `max_elements`."""
+    groups: dict[str, list[str]] = {}
+    for name0, name1 in pairs:
+        groups.setdefault(name0, []).append(name1)
+    for name0, partners in groups.items():
+        rows = max(1, len(cache[name0]["keypoints"]))
+        batch: list[str] = []
+        widest = 0
+        for name1 in partners:
+            width = max(widest, len(cache[name1]["keypoints"]))
+            if batch and rows * width * (len(batch) + 1) > max_elements:
+                yield name0, batch
+                batch, width = [], len(cache[name1]["keypoints"])
+            batch.append(name1)
+            widest = width
+        if batch:
+            yield name0, batch

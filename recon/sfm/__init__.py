@@ -1,0 +1,238 @@
+"""The SfM stage: hloc-format features and matches → COLMAP database → verified pairs → pycolmap mapping.
+
+`reconstruct(out_dir, image_dir, pairs_path, features_path, matches_path, options)` writes the models to
+`out_dir/sparse/0` (largest; others to sparse/1, 2 … by size), where COLMAP, nerfstudio and the export stage look
+for them, and its work files to `out_dir/sfm/` (database.db, colmap.log.*, the inputs stamp). A finished
+reconstruction is stamped with its inputs; calling again with the same inputs returns it without re-mapping.
+
+Modules: `database` (import), `verification` (two-view geometry), `mapping` (pycolmap's mappers), `calibration`
+(principal point after mapping), `process` (the whole stage in a fresh Python process, the default: measured
+faster after the matching stages, and a COLMAP crash becomes an error message; see its docstring).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import pycolmap
+
+from feature_backends.errors import InputError, ReconError
+from feature_backends.store import list_feature_names
+from pairs.io import read_pairs
+
+from ..options import option, to_dict
+from .calibration import refine_principal_points
+from .database import CameraMode, import_features, import_matches
+from .mapping import model_stats, pipeline_options, run_mapper, write_models
+from .verification import verification_error, verify_matches
+
+logger = logging.getLogger(__name__)
+
+_STAMP = "sfm_inputs.json"
+
+
+@dataclass
+class SfMOptions:
+    camera_mode: CameraMode = option("single", flags=("--camera-mode",), help="images sharing one camera: all of a size, per sub-folder, or none")
+    camera_model: str = option("SIMPLE_RADIAL", flags=("--camera-model",), help="COLMAP camera model (SIMPLE_RADIAL, OPENCV, …)")
+    mapper: Literal["incremental", "global"] = option(
+        "incremental", flags=("--mapper",),
+        help="pycolmap's incremental mapper, or its global mapper (GLOMAP merged into COLMAP)")
+    mapper_options: dict = option(
+        default_factory=dict, flags=("--mapper-option",),
+        help="a field of pycolmap's IncrementalPipelineOptions (incremental) or GlobalPipelineOptions (global), "
+             "e.g. mapper.init_min_num_inliers=50 or global_mapper.… ; checked before any work")
+    min_match_score: float | None = option(None, help="drop raw matches scoring at or below this before import")
+    num_threads: int = option(-1, help="COLMAP threads (-1: all cores)")
+    random_seed: int = option(0, help="RANSAC and mapper seed")
+    verification_max_error: float | None = option(
+        None, help="RANSAC threshold of geometric verification in original-image pixels (default: 2 px at the "
+                   "detection resolution, COLMAP's 4 px when features.h5 does not record it)")
+    refine_principal_point: Literal["auto", "always", "never"] = option(
+        "auto", flags=("--refine-principal-point",),
+        help="after mapping, free the principal point of shared cameras; 'auto' keeps it only where the BA "
+             "covariance shows the views determine it, 'never' is COLMAP's behaviour")
+    fresh_process: bool = option(
+        True, help="run import, verification and mapping in a fresh Python process (faster after the matching "
+                   "stages; a COLMAP crash becomes an error)")
+
+    def check(self, num_images: int = 100) -> None:
+        """Every option valid, pycolmap's included: called before any stage runs."""
+        pipeline_options(self.mapper, self.mapper_options, num_images, self.num_threads, self.random_seed)
+        try:
+            pycolmap.CameraModelId(pycolmap.CameraModelId.__members__[self.camera_model])
+        except KeyError:
+            models = ", ".join(name for name in pycolmap.CameraModelId.__members__ if name != "INVALID")
+            raise ReconError(f"unknown camera model '{self.camera_model}'; known: {models}") from None
+
+
+@dataclass
+class SfMResult:
+    sparse_dir: Path
+    num_images: int
+    num_registered: int
+    num_points: int
+    mean_track_length: float
+    mean_reprojection_error: float
+    num_models: int
+    timings: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "sparse_dir": str(self.sparse_dir)}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> SfMResult:
+        return cls(**{**record, "sparse_dir": Path(record["sparse_dir"])})
+
+
+@dataclass
+class SfMInputs:
+    """The stage's paths, as one record (also what the fresh process receives)."""
+
+    out_dir: Path
+    image_dir: Path
+    pairs: Path
+    features: Path
+    matches: Path
+
+    @property
+    def work_dir(self) -> Path:
+        return self.out_dir / "sfm"
+
+    @property
+    def sparse_root(self) -> Path:
+        return self.out_dir / "sparse"
+
+    def to_dict(self) -> dict[str, str]:
+        return {key: str(value) for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> SfMInputs:
+        return cls(**{key: Path(value) for key, value in record.items()})
+
+
+def _fingerprint(inputs: SfMInputs, options: SfMOptions) -> dict:
+    paths = [inputs.pairs, inputs.features, inputs.matches]
+    files = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}
+    settings = to_dict(options)
+    del settings["fresh_process"]  # not part of the result
+    return {"files": files, "options": settings, "image_dir": str(inputs.image_dir.resolve())}
+
+
+def recorded_image_dir(out_dir: str | Path) -> Path:
+    """The image folder the model in OUT/sparse was reconstructed from (recorded by this stage)."""
+    stamp_path = Path(out_dir) / "sfm" / _STAMP
+    if stamp_path.is_file():
+        image_dir = json.loads(stamp_path.read_text()).get("image_dir")
+        if image_dir and Path(image_dir).is_dir():
+            return Path(image_dir)
+    raise InputError(f"cannot tell where the images of '{out_dir}' are (no record in {stamp_path}); "
+                     "pass --images PATH")
+
+
+def reconstruct(
+    out_dir: str | Path,
+    image_dir: str | Path,
+    pairs_path: str | Path,
+    features_path: str | Path,
+    matches_path: str | Path,
+    options: SfMOptions | None = None,
+) -> SfMResult:
+    """Models to out_dir/sparse/N (largest first), work files to out_dir/sfm/; see the module docstring."""
+    options = options or SfMOptions()
+    inputs = SfMInputs(Path(out_dir), Path(image_dir), Path(pairs_path), Path(features_path), Path(matches_path))
+    inputs.work_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _fingerprint(inputs, options)
+    stamp_path = inputs.work_dir / _STAMP
+    model_dir = inputs.sparse_root / "0"
+    if model_dir.is_dir() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        logger.info("Reconstruction in %s is up to date with its inputs; not re-mapping", model_dir)
+        num_images = len(list_feature_names(inputs.features))
+        return SfMResult(model_dir, num_images, num_models=len(list(inputs.sparse_root.iterdir())), timings={},
+                         **model_stats(pycolmap.Reconstruction(model_dir)))
+    if options.fresh_process and sys.executable:  # an embedded interpreter has no executable to start
+        from .process import reconstruct_in_fresh_process
+
+        return reconstruct_in_fresh_process(inputs, options, stamp)
+    return reconstruct_here(inputs, options, stamp)
+
+
+def reconstruct_here(inputs: SfMInputs, options: SfMOptions, stamp: dict) -> SfMResult:
+    with _colmap_log_to(inputs.work_dir / "colmap.log."):
+        result = _reconstruct(inputs, options)
+    (inputs.work_dir / _STAMP).write_text(json.dumps(stamp))
+    return result
+
+
+@contextlib.contextmanager
+def _colmap_log_to(prefix: Path):
+    """COLMAP's glog lines go to OUT/sfm/colmap.log.<time> instead of the terminal (unless -v)."""
+    log = pycolmap.logging
+    previous = log.alsologtostderr
+    log.set_log_destination(log.INFO, str(prefix))
+    log.alsologtostderr = previous and logger.isEnabledFor(logging.DEBUG)
+    try:
+        yield
+    finally:
+        log.alsologtostderr = previous
+
+
+def _import_and_verify(inputs: SfMInputs, options: SfMOptions, database: Path, timings: dict) -> dict[str, int]:
+    start = time.perf_counter()
+    pairs = read_pairs(inputs.pairs)
+    image_ids = import_features(database, inputs.image_dir, inputs.features, options.camera_mode,
+                                options.camera_model)
+    match_counts = import_matches(database, image_ids, pairs, inputs.matches, options.min_match_score)
+    timings["import"] = time.perf_counter() - start
+    logger.info("Imported %d pairs with %d raw matches", len(pairs), sum(match_counts.values()))
+
+    start = time.perf_counter()
+    verification = pycolmap.TwoViewGeometryOptions()
+    verification.ransac.max_error = (options.verification_max_error if options.verification_max_error is not None
+                                     else verification_error(inputs.features))
+    logger.info("Verification threshold %.2f px", verification.ransac.max_error)
+    verification.ransac.random_seed = options.random_seed
+    # Pairs with fewer raw matches than a model needs inliers can never verify; COLMAP skips them after reading
+    # them back, we do not hand them over at all (on temple_ring_full most of the 1081 pairs are such).
+    candidates = {pair: count for pair, count in match_counts.items() if count >= verification.min_num_inliers}
+    num_verified = verify_matches(database, candidates, inputs.work_dir, verification)
+    timings["verify"] = time.perf_counter() - start
+    logger.info("Geometric verification: %d of %d pairs verified (%d with too few matches to try)",
+                num_verified, len(pairs), len(match_counts) - len(candidates))
+    return {"images": len(image_ids), "verified": num_verified}
+
+
+def _reconstruct(inputs: SfMInputs, options: SfMOptions) -> SfMResult:
+    timings: dict[str, float] = {}
+    database = inputs.work_dir / "database.db"
+    counts = _import_and_verify(inputs, options, database, timings)
+
+    start = time.perf_counter()
+    mapper = pipeline_options(options.mapper, options.mapper_options, counts["images"], options.num_threads,
+                              options.random_seed)
+    models = run_mapper(options.mapper, mapper, database, inputs.image_dir, inputs.work_dir / "models.partial",
+                        counts["images"])
+    timings["map"] = time.perf_counter() - start
+    if not models:
+        raise ReconError(
+            f"mapping failed: no model could be initialised from {counts['verified']} verified pairs "
+            f"(see {inputs.work_dir}/colmap.log.*). Try more pairs, more keypoints or another matcher."
+        )
+    if options.refine_principal_point != "never":
+        start = time.perf_counter()
+        models = [refine_principal_points(model, force=options.refine_principal_point == "always")[0]
+                  for model in models]
+        timings["calibrate"] = time.perf_counter() - start
+    model_dir = write_models(models, inputs.sparse_root)
+    if len(models) > 1:
+        logger.warning("The scene split into %d models; the largest (%d images) is sparse/0",
+                       len(models), models[0].num_reg_images())
+    return SfMResult(model_dir, len(list_feature_names(inputs.features)), num_models=len(models), timings=timings,
+                     **model_stats(models[0]))
