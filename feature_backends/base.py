@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .images import resize_image
+from .images import resize_image, resized_size
 from .weights import STEERER_WEIGHTS, load_steerer_generator
 
 REQUIRED = "???"  # a default_conf value that the user must set
@@ -229,6 +229,8 @@ class LocalFeatures(Backend):
     }
     #: Sides of the network input must be multiples of this (e.g. 8 or 14).
     size_multiple: ClassVar[int] = 1
+    #: Keypoint localisation noise in pixels of the image the detector saw (hloc's `detection_noise`).
+    detection_noise: ClassVar[float] = 1.0
     #: Descriptor storage dtype in features.h5.
     descriptor_dtype: ClassVar[Any] = np.float32
 
@@ -254,6 +256,12 @@ class LocalFeatures(Backend):
 
     def _extract(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def keypoint_uncertainty(self, width: int, height: int) -> float:
+        """hloc's `uncertainty` attribute of the keypoints: the detection noise (px at the resolution the detector
+        saw; `detection_noise`, 1 as in hloc) times the mean scale back to the original image."""
+        new_w, new_h = resized_size(width, height, self.conf.resize_max, self.conf.resize_force, self.size_multiple)
+        return float(self.detection_noise * (width / new_w + height / new_h) / 2)
 
     def _extract_image(self, image: np.ndarray) -> dict[str, np.ndarray | torch.Tensor]:
         """Run the model on the resized (H,W,C) image; non-torch backends (SIFT) override this instead."""

@@ -155,6 +155,16 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
+def resized_size(width: int, height: int, resize_max: int | None, force: bool = False,
+                 multiple: int = 1) -> tuple[int, int]:
+    """(width, height) after `resize_image`'s rule."""
+    factor = 1.0
+    if resize_max and (force or max(height, width) > resize_max):
+        factor = resize_max / max(height, width)
+    return (max(multiple, int(round(width * factor)) // multiple * multiple),
+            max(multiple, int(round(height * factor)) // multiple * multiple))
+
+
 def resize_image(
     image: np.ndarray, resize_max: int | None, force: bool = False, multiple: int = 1
 ) -> tuple[np.ndarray, tuple[float, float]]:
@@ -163,11 +173,7 @@ def resize_image(
     Returns the image and the per-axis scale (new / old) as (sx, sy).
     """
     height, width = image.shape[:2]
-    factor = 1.0
-    if resize_max and (force or max(height, width) > resize_max):
-        factor = resize_max / max(height, width)
-    new_w = max(multiple, int(round(width * factor)) // multiple * multiple)
-    new_h = max(multiple, int(round(height * factor)) // multiple * multiple)
+    new_w, new_h = resized_size(width, height, resize_max, force, multiple)
     if (new_w, new_h) == (width, height):
         return image, (1.0, 1.0)
     interpolation = cv2.INTER_AREA if new_w * new_h < width * height else cv2.INTER_LINEAR

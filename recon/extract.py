@@ -76,7 +76,8 @@ def extract(
                 logger.warning("Skipping %s: %s", image_name, image)
                 skipped.append(image_name)
                 continue
-            writer.write(image_name, model.extract(image))
+            height, width = image.shape[:2]
+            writer.write(image_name, model.extract(image), uncertainty=model.keypoint_uncertainty(width, height))
     if skipped:
         logger.warning("%d unreadable images were skipped: %s", len(skipped), ", ".join(skipped[:10]))
     return Path(export_path)

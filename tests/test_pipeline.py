@@ -14,7 +14,7 @@ from feature_backends.store import FeatureReader, MatchReader
 from pairs.io import read_pairs, write_pairs
 from recon.cli import main
 from recon.eval import evaluate
-from recon.pipeline import RunConfig, run
+from recon.pipeline import run
 from recon.extract import extract
 from recon.match import match
 

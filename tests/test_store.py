@@ -176,3 +176,16 @@ def test_sigkill_never_leaves_a_corrupt_file(tmp_path):
     assert written == [f"img{i:06d}" for i in range(len(written))]
     with FeatureWriter(path) as writer:  # the stale .partial is discarded, the published file resumes
         assert writer.names == set(written)
+
+
+def test_extract_writes_hlocs_keypoint_uncertainty(synthetic_scene, tmp_path):
+    """hloc's `uncertainty` attribute: detection noise (1 px) times the scale back to the original image."""
+    from recon.extract import extract
+
+    names = sorted(p.name for p in (synthetic_scene / "images").iterdir())[:1]
+    for resize_max, expected in ((None, 1.0), (320, 2.0)):
+        path = tmp_path / f"f{resize_max}.h5"
+        extract({"name": "sift", "resize_max": resize_max, "max_keypoints": 100}, synthetic_scene / "images", path,
+                names)
+        with FeatureReader(path) as reader:
+            assert reader.uncertainty(names[0]) == pytest.approx(expected)

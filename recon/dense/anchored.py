@@ -43,6 +43,7 @@ from tqdm import tqdm
 from feature_backends.errors import ImageReadError
 from feature_backends.store import FeatureReader, FeatureWriter, MatchReader, MatchWriter, read_stored_conf
 
+from ..cache import ByteBudgetCache
 from ..match import pending_pairs
 from .common import encoded_images, grouped_by_first_image
 

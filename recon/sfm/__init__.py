@@ -23,7 +23,7 @@ from typing import Literal
 
 import pycolmap
 
-from feature_backends.errors import InputError, ReconError
+from feature_backends.errors import ConfigError, InputError, ReconError
 from feature_backends.store import list_feature_names
 from pairs.io import read_pairs
 
@@ -41,7 +41,8 @@ _STAMP = "sfm_inputs.json"
 @dataclass
 class SfMOptions:
     camera_mode: CameraMode = option("single", flags=("--camera-mode",), help="images sharing one camera: all of a size, per sub-folder, or none")
-    camera_model: str = option("SIMPLE_RADIAL", flags=("--camera-model",), help="COLMAP camera model (SIMPLE_RADIAL, OPENCV, …)")
+    camera_model: str = option("SIMPLE_RADIAL", flags=("--camera-model",),
+                               help="COLMAP camera model (SIMPLE_RADIAL, OPENCV, OPENCV_FISHEYE, …)")
     mapper: Literal["incremental", "global"] = option(
         "incremental", flags=("--mapper",),
         help="pycolmap's incremental mapper, or its global mapper (GLOMAP merged into COLMAP)")
@@ -70,7 +71,7 @@ class SfMOptions:
             pycolmap.CameraModelId(pycolmap.CameraModelId.__members__[self.camera_model])
         except KeyError:
             models = ", ".join(name for name in pycolmap.CameraModelId.__members__ if name != "INVALID")
-            raise ReconError(f"unknown camera model '{self.camera_model}'; known: {models}") from None
+            raise ConfigError(f"unknown camera model '{self.camera_model}'; known: {models}") from None
 
 
 @dataclass
