@@ -85,11 +85,11 @@ class RunConfig:
         anchor, _ = parse_matcher_name(self.match.matcher) if self.dense_mode else (None, None)
         if anchor is None or anchor == self.extract.features:
             return self.extract
-        if self.extract != replace(ExtractOptions(), features=self.extract.features):
+        if replace(self.extract, mask_dir=None) != replace(ExtractOptions(), features=self.extract.features):
             raise ConfigError(
                 f"the feature configuration given is for '{self.extract.features}', but '{self.match.matcher}' "
                 f"anchors on '{anchor}'; pass --features {anchor} with it, or drop it")
-        return replace(ExtractOptions(), features=anchor)
+        return replace(ExtractOptions(), features=anchor, mask_dir=self.extract.mask_dir)
 
     def check(self, num_images: int) -> list[str]:
         """Every option valid and every weight file found, before any stage runs; returns the weight files."""
@@ -198,11 +198,14 @@ def run(inputs: str | Path | list[str | Path], out_dir: str | Path, config: RunC
         timed("extract", extract, config.extract_options(), image_dir, features_path, names, config.device)
     if config.dense_mode:
         timed("match", match_dense, config.match.backend_conf(), pairs_path, image_dir, features_path,
-              matches_path, config.dense, config.device)
+              matches_path, config.dense, config.device, mask_dir=config.extract.mask_dir)
     else:
         timed("match", match, config.match, pairs_path, features_path, matches_path, config.device)
     sfm = timed("sfm", reconstruct, out_dir, image_dir, pairs_path, features_path, matches_path, config.sfm)
-    written = timed("export", export, out_dir, config.export, image_dir)
+    export_options = config.export
+    if export_options.mask_dir is None and config.extract.mask_dir is not None:
+        export_options = replace(export_options, mask_dir=config.extract.mask_dir)
+    written = timed("export", export, out_dir, export_options, image_dir)
     if config.train_splats:
         from .splat import splat
 

@@ -82,7 +82,7 @@ def test_inputs_mixing_videos_and_photos(video, tmp_path):
 def test_recon_run_on_the_video_registers_keyframes_with_accurate_poses(video, tmp_path):
     path, truth = video
     out = tmp_path / "out"
-    assert main(["run", str(path), str(out), "--frames.target-frames", "16", "--export", "ply"]) == 0
+    assert main(["run", str(path), str(out), "--frames.target-frames", "16"]) == 0
     run = json.loads((out / "run.json").read_text())
     record = run["frames"]["videos"]["scene"]
     assert run["pairs_method"] == "sequential" and run["config"]["sfm"]["camera_mode"] == "per-folder"
@@ -122,3 +122,8 @@ def test_video_pairs_window_each_sequence_and_link_sequences_by_retrieval(select
     crossing = [(x, y) for x, y in result.pairs if folder[x] != folder[y]]
     assert {frozenset((folder[x], folder[y])) for x, y in crossing} >= {frozenset("ab")}
     assert any("photo.jpg" in pair for pair in result.pairs)
+    # Nested frame names are flat in the export, the same at every scale (gsplat pairs them by sorted order).
+    exported = sorted(p.name for p in (out / "undistorted" / "images").iterdir())
+    assert exported == sorted(name.replace("/", "__") for name in posed)
+    for factor in (2, 4, 8):
+        assert sorted(p.name for p in (out / "undistorted" / f"images_{factor}").iterdir()) == exported
