@@ -149,3 +149,23 @@ def test_nerfstudio_dataparsers_load_the_export(exported, factor):
     assert len(colmap_outputs.image_filenames) == 12
     assert all(p.is_file() for p in colmap_outputs.image_filenames + colmap_outputs.mask_filenames)
     assert int(colmap_outputs.cameras.height[0]) == Image.open(colmap_outputs.image_filenames[0]).size[1]
+
+
+@pytest.mark.parametrize("model", ["OPENCV", "OPENCV_FISHEYE"])
+def test_undistorted_export_of_every_camera_model_is_pinhole(synthetic_run, tmp_path, model):
+    out = tmp_path / "out"
+    shutil.copytree(synthetic_run.out_dir, out, symlinks=True)
+    shutil.rmtree(out / "undistorted")
+    reconstruction = pycolmap.Reconstruction(out / "sparse" / "0")
+    for camera in reconstruction.cameras.values():
+        focal, cx, cy = camera.focal_length, camera.principal_point_x, camera.principal_point_y
+        camera.model = getattr(pycolmap.CameraModelId, model)
+        camera.params = [focal, focal, cx, cy, 0.02, 0.0, 0.0, 0.0]
+    reconstruction.write(out / "sparse" / "0")
+    export(out, ExportOptions(formats=("3dgs", "nerfstudio"), downscales=(2,)))
+    undistorted = pycolmap.Reconstruction(out / "undistorted" / "sparse" / "0")
+    assert {c.model.name for c in undistorted.cameras.values()} == {"PINHOLE"}
+    camera = next(iter(undistorted.cameras.values()))
+    name = next(iter(undistorted.images.values())).name
+    assert Image.open(out / "undistorted" / "images" / name).size == (camera.width, camera.height)
+    assert json.loads((out / "undistorted" / "transforms.json").read_text())["k1"] == 0.0
