@@ -5,7 +5,10 @@ Sources and their rules:
 - exhaustive: all N(N-1)/2 pairs.
 - sequential: the COLMAP window (pairs.sequential); with `loop_closure`, every `loop_every`-th frame also gets
   its `num_matched` retrieval neighbours from the whole collection (COLMAP's loop detection with global
-  descriptors in place of the vocabulary tree).
+  descriptors in place of the vocabulary tree). With `sequence_folders` (what `recon run` sets for video input),
+  only those folders are windowed; the other images (photos beside the videos) are retrieval queries, and with
+  several sequences each loop frame also gets `num_matched` neighbours from outside its own sequence
+  ("between_sequences"), so two videos of one scene are linked even when each video's own frames look closer.
 - retrieval: each query (all images, or `query_list`) with its `num_matched` most similar images of the database
   (all images, or `database_list`), above `min_similarity`, with at most `max_pairs_per_image` pairs per image.
 - spatial: COLMAP's spatial matcher on EXIF GPS (pairs.spatial). With `gps_prior`, retrieval candidates of a
@@ -77,6 +80,10 @@ class PairOptions:
     loop_closure: bool = _opt(False, "sequential: add retrieval neighbours of every loop_every-th frame",
                               flags=("--loop-closure",))
     loop_every: int = _opt(10, "sequential: loop-closure frame interval", flags=("--loop-every",))
+    sequence_folders: tuple[str, ...] | None = _opt(
+        None, "sequential: only these sub-folders are ordered sequences (video frames); every other image and every "
+              "loop frame queries retrieval, and with several sequences each loop frame also gets its neighbours "
+              "from the other sequences (default: every folder is a sequence)", flags=("--sequence-folders",))
     gps_prior: bool = _opt(False, "retrieval / loop closure: only among EXIF-GPS neighbours (images without GPS "
                                   "stay in)", flags=("--gps",))
     spatial_max_neighbors: int = _opt(50, "spatial / --gps: nearest images kept", flags=("--spatial-max-neighbors",))
@@ -170,7 +177,9 @@ def plan(
     details: dict[str, Any] = {"options": asdict(options) | {"query_list": _size(options.query_list),
                                                             "database_list": _size(options.database_list)}}
     seconds: dict[str, float] = {}
-    needs_retrieval = options.method == "retrieval" or (options.method == "sequential" and options.loop_closure)
+    ordered, unordered = _split_sequences(names, options)
+    needs_retrieval = options.method == "retrieval" or (options.method == "sequential" and
+                                                        (options.loop_closure or bool(unordered)))
     positions = None
     if options.method == "spatial" or (options.gps_prior and needs_retrieval):
         start = time.perf_counter()
@@ -190,7 +199,7 @@ def plan(
         result.add("spatial", spatial_pairs(neighbours))
     elif options.method == "sequential":
         start = time.perf_counter()
-        result.add("sequential", sequential_pairs(names, options.overlap, options.quadratic_overlap,
+        result.add("sequential", sequential_pairs(ordered, options.overlap, options.quadratic_overlap,
                                                   options.per_folder))
         seconds["sequential"] = time.perf_counter() - start
 
@@ -198,7 +207,8 @@ def plan(
         if descriptors_path is None:
             raise ConfigError("retrieval needs a path for the global descriptors (global-feats.h5)")
         if options.method == "sequential":
-            queries, database = loop_frames(names, options.loop_every, options.per_folder), names
+            loops = loop_frames(ordered, options.loop_every, options.per_folder) if options.loop_closure else []
+            queries, database = loops + unordered, names
         else:
             queries, database = options.query_list or names, options.database_list or names
         start = time.perf_counter()
@@ -224,6 +234,10 @@ def plan(
         details[source] = {"queries": len(queries), "candidates": len(scored), "after_dedup_and_cap": len(capped),
                            "backend": options.retrieval}
         result.add(source, [(name0, name1) for name0, name1, _ in capped])
+        if options.method == "sequential" and len(set(map(_folder, ordered))) + bool(unordered) > 1:
+            between = _between_sequences(queries, query_desc, database, db_desc, options)
+            details["between_sequences"] = {"queries": len(queries), "candidates": len(between)}
+            result.add("between_sequences", [(name0, name1) for name0, name1, _ in between])
         seconds["retrieval"] = time.perf_counter() - start
 
     pairs_plan = PairPlan(options.method, names, result.pairs, result.sources, details, seconds)
@@ -234,6 +248,29 @@ def plan(
         logger.warning("Pairs: %d images are in no pair, e.g. %s", stats["images_without_pairs"],
                        stats["images_without_pairs_examples"][:3])
     return pairs_plan
+
+
+def _folder(name: str) -> str:
+    return name.rsplit("/", 1)[0] if "/" in name else ""
+
+
+def _split_sequences(names: list[str], options: PairOptions) -> tuple[list[str], list[str]]:
+    """(frames of the ordered sequences, the other images); everything is ordered without `sequence_folders`."""
+    if options.sequence_folders is None or options.method != "sequential":
+        return names, []
+    folders = set(options.sequence_folders)
+    ordered = [name for name in names if _folder(name) in folders]
+    return ordered, [name for name in names if _folder(name) not in folders]
+
+
+def _between_sequences(queries, query_desc, database, db_desc, options: PairOptions):
+    """Each query's neighbours among the images outside its own folder (another video, or the photos)."""
+    by_folder: dict[str, list[str]] = {}
+    for name in database:
+        by_folder.setdefault(_folder(name), []).append(name)
+    allowed = {query: [n for f, group in by_folder.items() if f != _folder(query) for n in group] for query in queries}
+    scored = retrieve(queries, query_desc, database, db_desc, options.num_matched, options.min_similarity, allowed)
+    return cap_per_image(scored, options.max_pairs_per_image)
 
 
 def _warn_unused(options: PairOptions) -> None:

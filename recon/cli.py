@@ -22,6 +22,7 @@ from pairs.planner import PairOptions
 
 from .export import ExportOptions
 from .extract import ExtractOptions
+from .frames import FrameOptions
 from .match import MatchOptions
 from .options import add_options, build_options
 from .pipeline import RunConfig
@@ -53,9 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = _command(commands, "run", "photos → pairs → features → matches → SfM → exports",
-                   ("images", PATH), ("out", PATH))
+    run = _command(commands, "run", "photos or videos → (frames →) pairs → features → matches → SfM → exports",
+                   ("inputs", {"type": Path, "nargs": "+", "metavar": "INPUT",
+                               "help": "an image folder, or one or more videos / folders holding videos"}),
+                   ("out", PATH))
     add_options(run, RunConfig, run=True)
+
+    frames = _command(commands, "frames", "videos → OUT/frames/<video>/t<seconds>.jpg keyframes + OUT/frames.json",
+                      ("inputs", {"type": Path, "nargs": "+", "metavar": "INPUT"}), ("out", PATH))
+    add_options(frames, FrameOptions)
 
     pairs = _command(commands, "pairs", "write pairs.txt (+ pairs-stats.json, global-feats.h5)",
                      ("images", PATH), ("output", PATH))
@@ -97,8 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _command_run(args) -> int:
     from .pipeline import run
 
-    result = run(args.images, args.out, build_options(RunConfig, args))
+    result = run(args.inputs, args.out, build_options(RunConfig, args))
     print(result.summary())
+    return 0
+
+
+def _command_frames(args) -> int:
+    from .frames import FRAMES_RECORD, frame_names, write_frames
+
+    frames_dir = write_frames(args.inputs, args.out, build_options(FrameOptions, args))
+    print(f"{len(frame_names(args.out))} images → {frames_dir} (decisions per frame in {args.out / FRAMES_RECORD})")
     return 0
 
 
@@ -176,7 +191,7 @@ def _command_weights(args) -> int:
 
 
 COMMANDS = {
-    "run": _command_run, "pairs": _command_pairs, "extract": _command_extract, "match": _command_match,
+    "run": _command_run, "frames": _command_frames, "pairs": _command_pairs, "extract": _command_extract, "match": _command_match,
     "sfm": _command_sfm, "export": _command_export, "eval": _command_eval, "weights": _command_weights,
     "splat": _command_splat,
 }

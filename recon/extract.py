@@ -4,6 +4,10 @@
 `ExtractOptions`, or a backend conf: `{"name": backend, **backend_conf}` or hloc's
 `{"model": {"name": ...}, "preprocessing": {...}}`. The backend configuration is recorded in the output file;
 resuming with a different one is refused instead of silently mixing two configurations in one file.
+
+Masks (`mask_dir`, COLMAP's convention): `<mask_dir>/<image name>.png`, same size as the upright image, zero =
+ignore. Keypoints on a zero pixel are dropped here, once for every backend; an image without a mask file keeps
+all of its keypoints (as COLMAP does). The dense stage samples no match on a masked pixel (recon.dense).
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 from tqdm import tqdm
 
 from feature_backends import registry
-from feature_backends.errors import ImageReadError
+from feature_backends.errors import ImageReadError, InputError
 from feature_backends.images import iter_images, list_images
 from feature_backends.store import FeatureWriter
 
@@ -38,6 +44,9 @@ class ExtractOptions:
                                     help="longer image side the detector sees, in px (backend default)")
     weights: str | None = option(None, flags=("--weights",), help="explicit weight file for the feature backend")
     as_half: bool = option(False, flags=("--as-half",), help="store descriptors as float16 (keypoints stay float32)")
+    mask_dir: Path | None = option(None, flags=("--masks",),
+                                   help="folder of masks <image name>.png (COLMAP's convention: zero = ignore); "
+                                        "no keypoint or dense match is kept on a masked pixel")
 
     def backend_conf(self) -> dict[str, Any]:
         """`{"name": features, **conf}` with the named flags folded in."""
@@ -48,6 +57,53 @@ class ExtractOptions:
         return {"name": self.features, **conf}
 
 
+def mask_path(mask_dir: str | Path, name: str) -> Path:
+    return Path(mask_dir) / f"{name}.png"
+
+
+def load_mask(mask_dir: str | Path | None, name: str, size: tuple[int, int]) -> np.ndarray | None:
+    """The boolean keep-mask (H,W) of image `name` of (width, height) `size`, or None without a mask file."""
+    if mask_dir is None:
+        return None
+    path = mask_path(mask_dir, name)
+    if not path.is_file():
+        return None
+    mask = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise InputError(f"cannot read mask '{path}'; masks are 8-bit PNGs, zero = ignore")
+    if (mask.shape[1], mask.shape[0]) != tuple(size):
+        raise InputError(f"mask '{path}' is {mask.shape[1]}x{mask.shape[0]} but its image is {size[0]}x{size[1]}; "
+                         "a mask must have the size of the upright image")
+    return mask > 0
+
+
+def inside_mask(points: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Which points (N,2), hloc convention (pixel centres at integers), lie on a kept pixel of `mask`."""
+    if mask is None:
+        return np.ones(len(points), bool)
+    height, width = mask.shape
+    x = np.clip(np.round(points[:, 0]).astype(np.int64), 0, width - 1)
+    y = np.clip(np.round(points[:, 1]).astype(np.int64), 0, height - 1)
+    return mask[y, x]
+
+
+def drop_masked(features: dict[str, np.ndarray], mask: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The features without the keypoints on masked pixels (descriptors are (D,N), other arrays (N,...))."""
+    if mask is None:
+        return features
+    keep = inside_mask(features["keypoints"], mask)
+    count = len(keep)
+    out = {}
+    for key, value in features.items():
+        if key == "descriptors":
+            out[key] = value[:, keep]
+        elif key != "image_size" and getattr(value, "shape", ()) and value.shape[0] == count:
+            out[key] = value[keep]
+        else:
+            out[key] = value
+    return out
+
+
 def extract(
     options: ExtractOptions | Mapping[str, Any] | str,
     image_dir: str | Path,
@@ -55,15 +111,21 @@ def extract(
     image_list: Sequence[str] | None = None,
     device: Any = None,
     as_half: bool | None = None,
+    mask_dir: str | Path | None = None,
 ) -> Path:
     if isinstance(options, ExtractOptions):
         as_half = options.as_half if as_half is None else as_half
+        mask_dir = options.mask_dir if mask_dir is None else mask_dir
         options = options.backend_conf()
+    if mask_dir is not None and not Path(mask_dir).is_dir():
+        raise InputError(f"mask folder '{mask_dir}' does not exist")
     name, backend_conf = registry.split_conf(options)
     model = registry.get_backend("features", name, backend_conf, device=device)
     names = list_images(image_dir, image_list)
     logger.info("Extracting %s features: %s", name, model.conf.to_dict())
     record = {"backend": name, "conf": model.conf.to_dict()}
+    if mask_dir is not None:
+        record["masks"] = str(Path(mask_dir).resolve())
     with FeatureWriter(export_path, conf=record, as_half=bool(as_half)) as writer:
         todo = [n for n in names if n not in writer.names]
         if len(todo) < len(names):
@@ -77,7 +139,8 @@ def extract(
                 skipped.append(image_name)
                 continue
             height, width = image.shape[:2]
-            writer.write(image_name, model.extract(image), uncertainty=model.keypoint_uncertainty(width, height))
+            features = drop_masked(model.extract(image), load_mask(mask_dir, image_name, (width, height)))
+            writer.write(image_name, features, uncertainty=model.keypoint_uncertainty(width, height))
     if skipped:
         logger.warning("%d unreadable images were skipped: %s", len(skipped), ", ".join(skipped[:10]))
     return Path(export_path)

@@ -138,7 +138,7 @@ def add_options(parser: _argparse.ArgumentParser, cls: type, prefix: str = "", r
             keywords = {"type": meta["parse"]}
         else:
             keywords = _argument(annotation, default)
-        shown = ",".join(default) if isinstance(default, (tuple, list)) else default
+        shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
         help_text = meta.get("help", "")
         help_text = help_text() if callable(help_text) else help_text
         if default is not None and not isinstance(default, dict) and \

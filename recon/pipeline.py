@@ -5,7 +5,13 @@ command line is generated from it (recon.options). Before any stage runs, `RunCo
 option (pycolmap's mapper options included) and finds every weight file of every backend the run will use, so a
 wrong option or a missing file ends the run at once instead of after an hour of extraction.
 
+Video input (`run(VIDEO, OUT)`, several videos, or a folder mixing videos and photos): the frames stage
+(recon.frames) writes OUT/frames/ and OUT/frames.json first and the run continues on OUT/frames; each video is
+a sequence (pairs: sequential + loop closure + retrieval between sequences, when --pairs is "auto") and a camera
+(camera mode "per-folder" when left at "single").
+
 Output layout (OUT/):
+    frames/, frames.json (video input only),
     pairs.txt, pairs-stats.json, global-feats.h5 (retrieval only), features.h5, matches.h5,
     sfm/{database.db, colmap.log.*, sfm_inputs.json}, sparse/0 (+ text), points3D.ply, exports.json,
     undistorted/{images, sparse/0, transforms.json, sparse_pc.ply}, run.json (config, timings, summary)
@@ -21,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from feature_backends import registry
-from feature_backends.errors import ConfigError
+from feature_backends.errors import ConfigError, InputError
 from feature_backends.images import list_images
 from pairs.io import read_name_list
 from pairs.planner import PairOptions
@@ -29,6 +35,7 @@ from pairs.planner import PairOptions
 from .dense import DenseOptions, is_dense_matcher, match_dense, parse_matcher_name
 from .export import ExportOptions, export
 from .extract import ExtractOptions, extract
+from .frames import FRAMES_RECORD, FrameOptions, frame_names, has_video, sequence_folders, write_frames
 from .match import MatchOptions, match
 from .options import option, to_dict
 from .pairs import plan_pairs
@@ -40,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunConfig:
+    frames: FrameOptions = field(default_factory=FrameOptions)
     pairs: PairOptions = field(default_factory=PairOptions)
     extract: ExtractOptions = field(default_factory=ExtractOptions)
     match: MatchOptions = field(default_factory=MatchOptions)
@@ -53,6 +61,20 @@ class RunConfig:
                                           argparse={"type": read_name_list},
                                           help="file of image names to use (default: every image in the folder)")
 
+    def for_video(self, sequences: list[str]) -> RunConfig:
+        """The defaults that fit video frames: each video a sequence (sequential pairs with loop closure and
+        retrieval between sequences) and its own camera. Explicit choices (a pairs method, a camera mode other
+        than the default) are kept."""
+        config = self
+        if self.pairs.method == "auto":
+            pairs = replace(self.pairs, method="sequential", loop_closure=True, sequence_folders=tuple(sequences))
+            config = replace(config, pairs=pairs)
+            logger.info("Video input: sequential pairs with loop closure for %d sequence(s)", len(sequences))
+        if self.sfm.camera_mode == "single":
+            config = replace(config, sfm=replace(self.sfm, camera_mode="per-folder"))
+            logger.info("Video input: one camera per video (camera mode per-folder)")
+        return config
+
     @property
     def dense_mode(self) -> bool:
         return is_dense_matcher(self.match.matcher)
@@ -63,14 +85,15 @@ class RunConfig:
         anchor, _ = parse_matcher_name(self.match.matcher) if self.dense_mode else (None, None)
         if anchor is None or anchor == self.extract.features:
             return self.extract
-        if self.extract != replace(ExtractOptions(), features=self.extract.features):
+        if replace(self.extract, mask_dir=None) != replace(ExtractOptions(), features=self.extract.features):
             raise ConfigError(
                 f"the feature configuration given is for '{self.extract.features}', but '{self.match.matcher}' "
                 f"anchors on '{anchor}'; pass --features {anchor} with it, or drop it")
-        return replace(ExtractOptions(), features=anchor)
+        return replace(ExtractOptions(), features=anchor, mask_dir=self.extract.mask_dir)
 
     def check(self, num_images: int) -> list[str]:
         """Every option valid and every weight file found, before any stage runs; returns the weight files."""
+        self.frames.check()
         self.sfm.check(num_images)
         self.export.check()
         if self.train_splats:
@@ -137,13 +160,35 @@ class _Timer(dict):
         return result
 
 
-def run(image_dir: str | Path, out_dir: str | Path, config: RunConfig | None = None) -> RunResult:
-    config = config or RunConfig()
-    image_dir, out_dir = Path(image_dir), Path(out_dir)
-    names = list_images(image_dir, config.image_list)
-    config.check(len(names))
+def _inputs(inputs: str | Path | list[str | Path], out_dir: Path, config: RunConfig,
+            timed: _Timer) -> tuple[Path, list[str], RunConfig, dict | None]:
+    """(image folder, image names, config, frames record): video input goes through the frames stage first."""
+    given = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    if not has_video(given):
+        if len(given) != 1:
+            raise InputError("several inputs are taken for videos only; put the photos in one folder")
+        image_dir = Path(given[0])
+        names = list_images(image_dir, config.image_list)
+        config.check(len(names))
+        return image_dir, names, config, None
+    config.for_video(["video"]).check(100)  # options and weights checked before decoding
     out_dir.mkdir(parents=True, exist_ok=True)
+    image_dir = timed("frames", write_frames, given, out_dir, config.frames)
+    names = frame_names(out_dir)
+    if config.image_list is not None:
+        names = list_images(image_dir, config.image_list)
+    config = config.for_video(sequence_folders(out_dir))
+    config.check(len(names))
+    return image_dir, names, config, json.loads((out_dir / FRAMES_RECORD).read_text())
+
+
+def run(inputs: str | Path | list[str | Path], out_dir: str | Path, config: RunConfig | None = None) -> RunResult:
+    """`inputs`: an image folder, or videos / a folder with videos (see the module docstring)."""
+    config = config or RunConfig()
+    out_dir = Path(out_dir)
     timed = _Timer()
+    image_dir, names, config, frames_record = _inputs(inputs, out_dir, config, timed)
+    out_dir.mkdir(parents=True, exist_ok=True)
     features_path, matches_path = out_dir / "features.h5", out_dir / "matches.h5"
 
     pairs_plan = timed("pairs", plan_pairs, image_dir, out_dir / "pairs.txt", config.pairs, names, config.device)
@@ -153,11 +198,14 @@ def run(image_dir: str | Path, out_dir: str | Path, config: RunConfig | None = N
         timed("extract", extract, config.extract_options(), image_dir, features_path, names, config.device)
     if config.dense_mode:
         timed("match", match_dense, config.match.backend_conf(), pairs_path, image_dir, features_path,
-              matches_path, config.dense, config.device)
+              matches_path, config.dense, config.device, mask_dir=config.extract.mask_dir)
     else:
         timed("match", match, config.match, pairs_path, features_path, matches_path, config.device)
     sfm = timed("sfm", reconstruct, out_dir, image_dir, pairs_path, features_path, matches_path, config.sfm)
-    written = timed("export", export, out_dir, config.export, image_dir)
+    export_options = config.export
+    if export_options.mask_dir is None and config.extract.mask_dir is not None:
+        export_options = replace(export_options, mask_dir=config.extract.mask_dir)
+    written = timed("export", export, out_dir, export_options, image_dir)
     if config.train_splats:
         from .splat import splat
 
@@ -168,5 +216,7 @@ def run(image_dir: str | Path, out_dir: str | Path, config: RunConfig | None = N
                        {fmt: str(path) for fmt, path in written.items()})
     record = {"image_dir": str(image_dir.resolve()), "config": to_dict(config), "result": sfm.to_dict(),
               "timings": dict(timed), "pairs_method": pairs_plan.method, "num_pairs": len(pairs_plan.pairs)}
+    if frames_record is not None:
+        record["frames"] = frames_record
     (out_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
     return result

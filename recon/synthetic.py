@@ -257,3 +257,50 @@ def make_plane_scene(out_dir: str | Path, spec: PlaneSceneSpec = PlaneSceneSpec(
 
 def load_plane_scene(out_dir: str | Path) -> PlaneScene:
     return PlaneScene.build(PlaneSceneSpec(**json.loads((Path(out_dir) / "scene.json").read_text())))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A video of the plane scene: the camera sweeps the arc at `fps`; some frames are repeated (a stalled camera, the
+# duplicates some phones write) and some are followed by a motion-blurred copy, so keyframe selection has known
+# answers: which video frames are duplicates, which are blurred, and the ground-truth pose of every frame.
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoSpec:
+    duplicates: tuple[int, ...] = ()  # source frames written twice
+    blurred: tuple[int, ...] = ()  # source frames followed by a motion-blurred copy of themselves
+    hold: tuple[int, int] | None = None  # (source frame, extra copies): the camera stands still
+    blur_px: int = 15  # length of the horizontal motion-blur kernel
+    fps: float = 30.0
+
+
+def make_plane_video(path: str | Path, spec: PlaneSceneSpec, video: VideoSpec = VideoSpec()) -> list[dict]:
+    """Write an MP4 (OpenCV's mp4v encoder) of the plane scene; return per video frame its source frame index
+    and kind ("frame", "duplicate", "blurred"). `PlaneScene.build(spec).cameras[source]` is its true pose."""
+    import cv2
+
+    scene = PlaneScene.build(spec)
+    rng = np.random.default_rng(spec.seed)
+    textures = [plane_texture(int(p.extent[1] * spec.texels_per_metre), int(p.extent[0] * spec.texels_per_metre), rng)
+                for p in PLANES]
+    kernel = np.zeros((video.blur_px, video.blur_px), np.float32)
+    kernel[video.blur_px // 2] = 1.0 / video.blur_px
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), video.fps, (spec.width, spec.height))
+    if not writer.isOpened():
+        raise RuntimeError(f"OpenCV cannot write '{path}'")
+    writer.set(cv2.VIDEOWRITER_PROP_QUALITY, 100)
+    frames = []
+    for source in range(spec.num_frames):
+        image = cv2.cvtColor(scene.render(source, textures), cv2.COLOR_RGB2BGR)
+        copies = [("frame", image)]
+        if source in video.duplicates:
+            copies.append(("duplicate", image))
+        if video.hold and video.hold[0] == source:
+            copies += [("duplicate", image)] * video.hold[1]
+        if source in video.blurred:
+            copies.append(("blurred", cv2.filter2D(image, -1, kernel)))
+        for kind, frame in copies:
+            writer.write(frame)
+            frames.append({"source": source, "kind": kind})
+    writer.release()
+    return frames

@@ -107,11 +107,14 @@ def match_dense(
     matches_path: str | Path,
     options: DenseOptions | None = None,
     device: Any = None,
+    mask_dir: str | Path | None = None,
 ) -> Path:
     """Match every pair of `pairs_path` with a dense matcher; write keypoints and matches in hloc's layout.
 
     Quantised mode writes features.h5 itself; anchored mode (`"sift+roma"`) reads the detector's keypoints from
     features.h5, which the extraction stage wrote with that detector (recon.extract), and refuses other ones.
+    With `mask_dir` (recon.extract's convention), quantised mode drops every sampled match with an end on a masked
+    pixel; anchored mode matches the extraction stage's keypoints, which that stage already masked.
     """
     name, backend_conf = registry.split_conf(conf)
     anchor, dense_name = parse_matcher_name(name)
@@ -120,7 +123,8 @@ def match_dense(
     pairs = read_pairs(pairs_path)
     model = registry.get_backend("dense", dense_name, backend_conf, device=device)
     if anchor is None:
-        match_quantised(model, dense_name, pairs, image_dir, features_path, matches_path, **options.mode_settings(False))
+        match_quantised(model, dense_name, pairs, image_dir, features_path, matches_path, mask_dir=mask_dir,
+                        **options.mode_settings(False))
     else:
         check_anchors(features_path, anchor)
         match_anchored(model, dense_name, pairs, image_dir, features_path, matches_path, **options.mode_settings(True))

@@ -157,12 +157,25 @@ def _quantised_outputs_complete(features_path, matches_path, feature_record, nam
         return all("matches0" in matches.read_raw(*pair)[0] for pair in pairs)
 
 
+def _unmasked(sampled: dict, image_dir: Path, mask_dir: Path, name0: str, name1: str) -> dict:
+    """The sampled matches whose both ends lie on kept pixels of their images' masks (recon.extract)."""
+    from ..extract import inside_mask, load_mask
+
+    keep = np.ones(len(sampled["scores"]), bool)
+    for name, key in ((name0, "keypoints0"), (name1, "keypoints1")):
+        keep &= inside_mask(sampled[key], load_mask(mask_dir, name, image_size(image_dir / name)))
+    return {key: sampled[key][keep] for key in ("keypoints0", "keypoints1", "scores")}
+
+
 def match_quantised(model, name: str, pairs: Sequence[tuple[str, str]], image_dir: Path, features_path,
-                    matches_path, cell_size: int, max_error: int, max_keypoints: int | None) -> Path:
+                    matches_path, cell_size: int, max_error: int, max_keypoints: int | None,
+                    mask_dir: Path | None = None) -> Path:
     cell_size, max_error = int(cell_size), int(max_error)
     if max_error < 1 or cell_size < max_error or cell_size % max_error:
         raise ConfigError(f"cell_size ({cell_size}) must be a multiple of max_error ({max_error}) >= 1")
     record = {"backend": name, "conf": model.conf.to_dict(), "mode": "quantised"}
+    if mask_dir is not None:
+        record["masks"] = str(Path(mask_dir).resolve())
     encoded = encoded_images(model, image_dir)
     failed: set[tuple[str, str]] = set()
     # Pass 1: the network, pair by pair; only sampled matches are kept (on disk).
@@ -175,6 +188,8 @@ def match_quantised(model, name: str, pairs: Sequence[tuple[str, str]], image_di
                 logger.warning("Skipping pair (%s, %s): %s", name0, name1, error)
                 failed.add((name0, name1))
                 continue
+            if mask_dir is not None:
+                sampled = _unmasked(sampled, image_dir, mask_dir, name0, name1)
             writer.write(name0, name1, {k: sampled[k] for k in ("keypoints0", "keypoints1", "scores")})
     pairs = [pair for pair in pairs if pair not in failed]
     names = sorted({n for pair in pairs for n in pair})
