@@ -41,9 +41,9 @@ BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
         "gim-dkm": "feature_backends.gim:GIMDKM",
     },
     "global": {
-        "vlad": "pairs.vlad:VLAD",
-        "netvlad": "pairs.netvlad:NetVLAD",
-        "cosplace": "pairs.cosplace:CosPlace",
+        "vlad": "feature_backends.vlad:VLAD",
+        "netvlad": "feature_backends.netvlad:NetVLAD",
+        "cosplace": "feature_backends.cosplace:CosPlace",
     },
 }
 

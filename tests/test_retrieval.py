@@ -15,8 +15,8 @@ from scipy.io import savemat
 from feature_backends import registry
 from feature_backends.errors import ConfigError, WeightsError
 from feature_backends.store import read_global_descriptors
-from pairs.cosplace import BACKBONES, CosPlace, GeoLocalizationNet
-from pairs.netvlad import NetVLAD, NetVLADNet
+from feature_backends.cosplace import BACKBONES, CosPlace, GeoLocalizationNet
+from feature_backends.netvlad import NetVLAD, NetVLADNet
 from pairs.retrieval import extract_global_descriptors, retrieve
 
 SMALL_CLUSTERS, SMALL_WHITEN = 8, 32

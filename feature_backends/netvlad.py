@@ -31,10 +31,9 @@ import torch
 import torchvision
 from torch import nn
 
-from feature_backends.errors import ConfigError, WeightsError
-from feature_backends.weights import WeightFile, resolve_weights
-
-from .learned import LearnedGlobalDescriptor, load_strict
+from .errors import ConfigError, WeightsError
+from .global_learned import LearnedGlobalDescriptor, load_strict
+from .weights import WeightFile, resolve_weights
 
 logger = logging.getLogger(__name__)
 

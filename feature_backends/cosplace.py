@@ -17,10 +17,9 @@ import torch
 import torchvision
 from torch import nn
 
-from feature_backends.errors import ConfigError
-from feature_backends.weights import WeightFile, load_checkpoint
-
-from .learned import LearnedGlobalDescriptor, load_strict
+from .errors import ConfigError
+from .global_learned import LearnedGlobalDescriptor, load_strict
+from .weights import WeightFile, load_checkpoint
 
 RELEASE_URL = "https://github.com/gmberton/CosPlace/releases/download/v1.0"
 

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from feature_backends.base import GlobalDescriptor
-from feature_backends.errors import InputError, WeightsError
-from feature_backends.images import resize_image
-from feature_backends.weights import load_state_dict_strict
+from .base import GlobalDescriptor
+from .errors import InputError, WeightsError
+from .images import resize_image
+from .weights import load_state_dict_strict
 
 
 class LearnedGlobalDescriptor(GlobalDescriptor):
