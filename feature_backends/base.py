@@ -26,9 +26,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, WeightsError
 from .images import resize_image
-from .weights import STEERER_WEIGHTS, load_steerer_generator
+from .weights import STEERER_WEIGHTS, WeightFile, load_checkpoint, load_steerer_generator
 
 REQUIRED = "???"  # a default_conf value that the user must set
 
@@ -173,6 +173,42 @@ class Backend:
     def to_tensor(self, image: np.ndarray) -> torch.Tensor:
         """(H,W,C) numpy in [0,1] → (1,C,H,W) float tensor on the backend's device."""
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float().to(self.device)
+
+
+class StateDictBackend(Backend):
+    """A backend whose weights are checkpoint files with named roles (RoMa: "weights" and "dinov2"), loadable from
+    files (normal use) or given in memory (tests, notebooks, conversions) through exactly the same unpacking and
+    strict loading. Subclasses declare `checkpoint_files` and call `load_checkpoints` in `_init`."""
+
+    _given_checkpoints: dict[str, Any] | None = None
+
+    @classmethod
+    def from_checkpoints(cls, checkpoints: Mapping[str, Any], conf: Mapping[str, Any] | None = None,
+                         device: Any = None):
+        """Build from already-loaded checkpoint objects, keyed like `checkpoint_files` (e.g. weights, dinov2)."""
+        backend = cls.__new__(cls)
+        backend._given_checkpoints = dict(checkpoints)
+        Backend.__init__(backend, conf, device)
+        backend._given_checkpoints = None
+        return backend
+
+    @classmethod
+    def checkpoint_files(cls, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
+        """{role: (file, explicit path or None)} for the configured variant."""
+        raise NotImplementedError
+
+    @classmethod
+    def required_weights(cls, conf: Mapping[str, Any]) -> list[tuple[WeightFile, str | None]]:
+        return list(cls.checkpoint_files(Conf(conf)).values())
+
+    def load_checkpoints(self, conf: Conf) -> dict[str, Any]:
+        files = self.checkpoint_files(conf)
+        if self._given_checkpoints is not None:
+            missing = sorted(set(files) - set(self._given_checkpoints))
+            if missing:
+                raise WeightsError(f"{type(self).__name__}: checkpoints {missing} were not given")
+            return {role: self._given_checkpoints[role] for role in files}
+        return {role: load_checkpoint(weight, explicit) for role, (weight, explicit) in files.items()}
 
 
 def _to_numpy(value: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -18,8 +18,8 @@ import torchvision
 from torch import nn
 
 from .errors import ConfigError
-from .global_learned import LearnedGlobalDescriptor, load_strict
-from .weights import WeightFile, load_checkpoint
+from .global_learned import LearnedGlobalDescriptor
+from .weights import WeightFile, load_checkpoint, load_state_dict_strict
 
 RELEASE_URL = "https://github.com/gmberton/CosPlace/releases/download/v1.0"
 
@@ -105,7 +105,7 @@ class CosPlace(LearnedGlobalDescriptor):
             )
         net = GeoLocalizationNet(conf.backbone, conf.dim)
         weight = weight_file(conf.backbone, conf.dim)
-        load_strict(net, load_checkpoint(weight, conf.weights), conf.weights or weight.filename)
+        load_state_dict_strict(net, load_checkpoint(weight, conf.weights), conf.weights or weight.filename)
         self.register_normalisation()
         return net
 

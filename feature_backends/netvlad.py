@@ -32,8 +32,8 @@ import torchvision
 from torch import nn
 
 from .errors import ConfigError, WeightsError
-from .global_learned import LearnedGlobalDescriptor, load_strict
-from .weights import WeightFile, resolve_weights
+from .global_learned import LearnedGlobalDescriptor
+from .weights import WeightFile, load_state_dict_strict, resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class NetVLAD(LearnedGlobalDescriptor):
             logger.info("NetVLAD: using hloc's cached %s", hloc_copy)
             explicit = hloc_copy
         path = resolve_weights(MODELS[conf.model], explicit)
-        load_strict(net, state_dict_from_mat(load_mat(path), net), str(path))
+        load_state_dict_strict(net, state_dict_from_mat(load_mat(path), net), str(path))
         return net
 
     def _describe(self, image: torch.Tensor) -> torch.Tensor:
