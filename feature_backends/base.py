@@ -211,6 +211,20 @@ class StateDictBackend(Backend):
         return {role: load_checkpoint(weight, explicit) for role, (weight, explicit) in files.items()}
 
 
+def descriptor_family(record: Mapping[str, Any] | None) -> str | None:
+    """The `descriptor_family` of the feature backend a features record ({"backend", "conf"}, as features.h5 keeps
+    it) names, or None when the record names none or a backend that cannot be resolved here."""
+    from .registry import resolve  # the registry imports this module
+
+    if not record or not record.get("backend"):
+        return None
+    try:
+        cls, _ = resolve("features", str(record["backend"]))
+    except ConfigError:
+        return None
+    return cls.descriptor_family
+
+
 def _to_numpy(value: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().float().cpu().numpy()
@@ -267,6 +281,10 @@ class LocalFeatures(Backend):
     size_multiple: ClassVar[int] = 1
     #: Descriptor storage dtype in features.h5.
     descriptor_dtype: ClassVar[Any] = np.float32
+    #: Which descriptor the features carry, for matchers whose weights or steerers fit one descriptor ("dedode" for
+    #: every detector paired with the DeDoDe descriptor, "sift", "disk", ...); None: no matcher depends on it.
+    #: Matchers read it with `descriptor_family(record)`, so a new detector on a known descriptor edits no matcher.
+    descriptor_family: ClassVar[str | None] = None
 
     #: Run the network and its input in channels_last layout on CPU: oneDNN's convolutions are direct in NHWC
     #: and reorder every NCHW tensor otherwise (DeDoDe's detector L at 784x518, 2 threads: 6.9 s → 3.7 s; DISK's
@@ -394,8 +412,14 @@ class SteerableMatcher(SparseMatcher):
     weight_files: ClassVar[dict[str, Any]] = {f"steerer {name}": (file,) for name, file in STEERER_WEIGHTS.items()}
 
     @classmethod
+    def required_weights(cls, conf: Mapping[str, Any]) -> list[tuple[WeightFile, str | None]]:
+        """The steerer file when steering is on (a bad steerer name is left to `_init` to report)."""
+        variant = f"{conf.get('steerer_descriptor')}-{conf.get('steerer')}"
+        return [(STEERER_WEIGHTS[variant], conf.get("steerer_weights"))] if variant in STEERER_WEIGHTS else []
+
+    @classmethod
     def conf_for_features(cls, record):
-        if not record or record.get("backend") not in ("dedode", "dad"):
+        if descriptor_family(record) != "dedode":
             return {}
         net, _, group = str((record.get("conf") or {}).get("descriptor", "B-upright")).partition("-")
         return {"steerer": group, "steerer_descriptor": net} if group in ("C4", "SO2") else {}

@@ -133,17 +133,15 @@ class DetectorDescriptorBackend(LocalFeatures):
     }
     detector_weights: ClassVar[dict[str, WeightFile]] = {}
     channels_last = True
+    descriptor_family = "dedode"
 
     def _init(self, conf) -> None:
-        if conf.descriptor not in DESCRIPTOR_WEIGHTS:
-            raise ConfigError(f"unknown DeDoDe descriptor '{conf.descriptor}'; known: {', '.join(DESCRIPTOR_WEIGHTS)}")
-        explicit = _explicit_paths(conf.weights, ("detector", "descriptor", "dinov2"))
         amp_dtype = torch.float16
         # Resolve every file before building anything, so that a missing file fails fast.
-        detector_file, descriptor_file = self._detector_file(conf), DESCRIPTOR_WEIGHTS[conf.descriptor]
-        detector_state = self._load(detector_file, explicit.get("detector"))
-        descriptor_state = self._load(descriptor_file, explicit.get("descriptor"))
-        dinov2_state = self._load(DINOV2_VITL14, explicit.get("dinov2")) if conf.descriptor.startswith("G") else None
+        files = self.checkpoint_files(conf)
+        (detector_file, _), (descriptor_file, _) = files["detector"], files["descriptor"]
+        states = {role: self._load(weight, explicit) for role, (weight, explicit) in files.items()}
+        detector_state, descriptor_state, dinov2_state = states["detector"], states["descriptor"], states.get("dinov2")
         self.detector = self._build_detector(conf, amp_dtype)
         load_state_dict_strict(self.detector, detector_state, detector_file.filename)
         if dinov2_state is not None:
@@ -178,11 +176,24 @@ class DetectorDescriptorBackend(LocalFeatures):
             **{f"descriptor {name}": descriptor_files(name) for name in DESCRIPTOR_WEIGHTS},
         }
 
-    def _detector_file(self, conf) -> WeightFile:
-        if conf.detector not in self.detector_weights:
-            raise ConfigError(f"unknown {type(self).__name__} detector '{conf.detector}'; "
-                              f"known: {', '.join(self.detector_weights)}")
-        return self.detector_weights[conf.detector]
+    @classmethod
+    def checkpoint_files(cls, conf: Mapping[str, Any]) -> dict[str, tuple[WeightFile, Any]]:
+        """{"detector"|"descriptor"|"dinov2": (file, explicit path or None)}: DINOv2 for the G descriptors only."""
+        if conf["detector"] not in cls.detector_weights:
+            raise ConfigError(f"unknown {cls.__name__} detector '{conf['detector']}'; "
+                              f"known: {', '.join(cls.detector_weights)}")
+        if conf["descriptor"] not in DESCRIPTOR_WEIGHTS:
+            raise ConfigError(f"unknown DeDoDe descriptor '{conf['descriptor']}'; known: {', '.join(DESCRIPTOR_WEIGHTS)}")
+        explicit = _explicit_paths(conf["weights"], ("detector", "descriptor", "dinov2"))
+        roles = {"detector": cls.detector_weights[conf["detector"]],
+                 "descriptor": DESCRIPTOR_WEIGHTS[conf["descriptor"]]}
+        if conf["descriptor"].startswith("G"):
+            roles["dinov2"] = DINOV2_VITL14
+        return {role: (weight, explicit.get(role)) for role, weight in roles.items()}
+
+    @classmethod
+    def required_weights(cls, conf: Mapping[str, Any]) -> list[tuple[WeightFile, Any]]:
+        return list(cls.checkpoint_files(conf).values())
 
     def _build_detector(self, conf, amp_dtype: torch.dtype) -> nn.Module:
         raise NotImplementedError

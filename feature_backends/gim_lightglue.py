@@ -86,6 +86,8 @@ class GIMSuperPoint(StateDictBackend, LocalFeatures):
         "remove_borders": 4,
     }
     size_multiple = 8
+    #: GIM trained SuperPoint and LightGlue together: its descriptors fit GIM's LightGlue only.
+    descriptor_family = "gim-superpoint"
     weight_files = {"gim": (GIM_LIGHTGLUE,)}
 
     @classmethod

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from kornia.feature import LightGlue as KorniaLightGlue
 from kornia.feature.lightglue import CrossBlock
 
-from .base import SparseMatcher
+from .base import SparseMatcher, descriptor_family
 from .errors import ConfigError, WeightsError
 from .weights import WeightFile, load_checkpoint, load_state_dict_strict
 
@@ -68,10 +68,10 @@ def features_from_record(record: Mapping[str, Any] | None) -> str | None:
     """The LightGlue feature type for the {"backend", "conf"} record of a recon features file, if it has one."""
     if not record:
         return None
-    backend, conf = record.get("backend"), record.get("conf") or {}
-    if backend in ("dedode", "dad"):
-        return "dedodeg" if str(conf.get("descriptor", "B")).startswith("G") else "dedodeb"
-    return backend if backend in LIGHTGLUE_WEIGHTS else None
+    family = descriptor_family(record)
+    if family == "dedode":
+        return "dedodeg" if str((record.get("conf") or {}).get("descriptor", "B")).startswith("G") else "dedodeb"
+    return family if family in LIGHTGLUE_WEIGHTS else None
 
 
 def rename_legacy_keys(state_dict: Mapping[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
