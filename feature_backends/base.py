@@ -125,8 +125,8 @@ class Backend:
 
     kind: ClassVar[str] = ""
     default_conf: ClassVar[dict[str, Any]] = {"mixed_precision": True}
-    #: Weight files this backend can load, by variant name (see feature_backends.weights.WeightFile).
-    weight_files: ClassVar[dict[str, Any]] = {}
+    #: Weight files this backend can load: variant name → tuple of WeightFile (all the files that variant loads).
+    weight_files: ClassVar[dict[str, tuple[WeightFile, ...]]] = {}
     #: The configuration key that selects the entry of `weight_files` (see `required_weights`).
     variant_key: ClassVar[str] = "variant"
 
@@ -146,7 +146,7 @@ class Backend:
         for klass in reversed(cls.__mro__):
             own = klass.__dict__.get("default_conf")
             if own:
-                conf = _deep_update(conf, own)
+                conf = deep_update(conf, own)
         return conf
 
     @classmethod
@@ -157,8 +157,7 @@ class Backend:
         whose files follow other keys override this; the rest are checked when they load."""
         files = cls.weight_files
         key = conf.get(cls.variant_key)
-        chosen = files.get(key) if key in files else (next(iter(files.values())) if len(files) == 1 else ())
-        chosen = tuple(chosen) if isinstance(chosen, (tuple, list)) else (chosen,)
+        chosen = files[key] if key in files else (next(iter(files.values())) if len(files) == 1 else ())
         return [(weight, conf.get("weights") if index == 0 else None) for index, weight in enumerate(chosen)]
 
     def _init(self, conf: Conf) -> None:
@@ -231,11 +230,12 @@ def _to_numpy(value: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
-def _deep_update(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+def deep_update(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """`update` merged into a copy of `base`, nested mappings merged key by key (no key checks: see merge_conf)."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_update(out[key], value)
+            out[key] = deep_update(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out

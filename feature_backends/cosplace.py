@@ -87,7 +87,7 @@ class GeoLocalizationNet(nn.Module):
 class CosPlace(LearnedGlobalDescriptor):
     default_conf = {"backbone": "ResNet50", "dim": 2048, "resize_max": 1024}
     weight_files = {
-        f"{backbone}-{dim}": weight_file(backbone, dim) for backbone, (_, dims) in BACKBONES.items() for dim in dims
+        f"{backbone}-{dim}": (weight_file(backbone, dim),) for backbone, (_, dims) in BACKBONES.items() for dim in dims
     }
 
     @classmethod

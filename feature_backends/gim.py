@@ -288,7 +288,7 @@ class GIMDKM(WarpMatcher, StateDictBackend):
         "normalize": False,
         "num_matches": 5000,
     }
-    weight_files = {"gim": GIM_DKM}
+    weight_files = {"gim": (GIM_DKM,)}
 
     @classmethod
     def checkpoint_files(cls, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:

@@ -176,7 +176,7 @@ class NetVLAD(LearnedGlobalDescriptor):
         "whiten_dim": 4096,
         "resize_max": 1024,
     }
-    weight_files = dict(MODELS)
+    weight_files = {name: (weight,) for name, weight in MODELS.items()}
     variant_key = "model"
 
     def _build(self, conf) -> nn.Module:

@@ -248,7 +248,7 @@ class TinyRoMa(WarpMatcher, StateDictBackend):
         "num_matches": 5000,  # tiny RoMa's default
         "exact_softmax": False,
     }
-    weight_files = {"outdoor": TINY_ROMA_OUTDOOR}
+    weight_files = {"outdoor": (TINY_ROMA_OUTDOOR,)}
 
     @classmethod
     def checkpoint_files(cls, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:

@@ -153,7 +153,7 @@ def test_netvlad_published_dimensions():
         out = net(torch.rand(2, 3, 64, 64))
     assert out.shape == (2, 4096)
     np.testing.assert_allclose(out.norm(dim=1).numpy(), 1.0, atol=1e-5)
-    assert NetVLAD.weight_files["pitts30k"].url == "https://cvg-data.inf.ethz.ch/hloc/netvlad/Pitts30K_struct.mat"
+    assert NetVLAD.weight_files["pitts30k"][0].url == "https://cvg-data.inf.ethz.ch/hloc/netvlad/Pitts30K_struct.mat"
 
 
 def test_netvlad_batch_equals_one_by_one(netvlad):
