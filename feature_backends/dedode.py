@@ -183,7 +183,8 @@ class DetectorDescriptorBackend(LocalFeatures):
             raise ConfigError(f"unknown {cls.__name__} detector '{conf['detector']}'; "
                               f"known: {', '.join(cls.detector_weights)}")
         if conf["descriptor"] not in DESCRIPTOR_WEIGHTS:
-            raise ConfigError(f"unknown DeDoDe descriptor '{conf['descriptor']}'; known: {', '.join(DESCRIPTOR_WEIGHTS)}")
+            raise ConfigError(f"unknown DeDoDe descriptor '{conf['descriptor']}'; "
+                              f"known: {', '.join(DESCRIPTOR_WEIGHTS)}")
         explicit = _explicit_paths(conf["weights"], ("detector", "descriptor", "dinov2"))
         roles = {"detector": cls.detector_weights[conf["detector"]],
                  "descriptor": DESCRIPTOR_WEIGHTS[conf["descriptor"]]}
