@@ -33,6 +33,7 @@ class ALIKED(LocalFeatures):
     }
     weight_files: ClassVar[dict[str, Any]] = {name: (file,) for name, file in ALIKED_WEIGHTS.items()}
     channels_last = True
+    descriptor_family = "aliked"
 
     def _init(self, conf) -> None:
         if conf.variant not in ALIKED_WEIGHTS:

@@ -26,9 +26,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, WeightsError
 from .images import resize_image, resized_size
-from .weights import STEERER_WEIGHTS, load_steerer_generator
+from .weights import STEERER_WEIGHTS, WeightFile, load_checkpoint, load_steerer_generator
 
 REQUIRED = "???"  # a default_conf value that the user must set
 
@@ -125,8 +125,8 @@ class Backend:
 
     kind: ClassVar[str] = ""
     default_conf: ClassVar[dict[str, Any]] = {"mixed_precision": True}
-    #: Weight files this backend can load, by variant name (see feature_backends.weights.WeightFile).
-    weight_files: ClassVar[dict[str, Any]] = {}
+    #: Weight files this backend can load: variant name → tuple of WeightFile (all the files that variant loads).
+    weight_files: ClassVar[dict[str, tuple[WeightFile, ...]]] = {}
     #: The configuration key that selects the entry of `weight_files` (see `required_weights`).
     variant_key: ClassVar[str] = "variant"
 
@@ -146,7 +146,7 @@ class Backend:
         for klass in reversed(cls.__mro__):
             own = klass.__dict__.get("default_conf")
             if own:
-                conf = _deep_update(conf, own)
+                conf = deep_update(conf, own)
         return conf
 
     @classmethod
@@ -157,8 +157,7 @@ class Backend:
         whose files follow other keys override this; the rest are checked when they load."""
         files = cls.weight_files
         key = conf.get(cls.variant_key)
-        chosen = files.get(key) if key in files else (next(iter(files.values())) if len(files) == 1 else ())
-        chosen = tuple(chosen) if isinstance(chosen, (tuple, list)) else (chosen,)
+        chosen = files[key] if key in files else (next(iter(files.values())) if len(files) == 1 else ())
         return [(weight, conf.get("weights") if index == 0 else None) for index, weight in enumerate(chosen)]
 
     def _init(self, conf: Conf) -> None:
@@ -175,17 +174,68 @@ class Backend:
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float().to(self.device)
 
 
+class StateDictBackend(Backend):
+    """A backend whose weights are checkpoint files with named roles (RoMa: "weights" and "dinov2"), loadable from
+    files (normal use) or given in memory (tests, notebooks, conversions) through exactly the same unpacking and
+    strict loading. Subclasses declare `checkpoint_files` and call `load_checkpoints` in `_init`."""
+
+    _given_checkpoints: dict[str, Any] | None = None
+
+    @classmethod
+    def from_checkpoints(cls, checkpoints: Mapping[str, Any], conf: Mapping[str, Any] | None = None,
+                         device: Any = None):
+        """Build from already-loaded checkpoint objects, keyed like `checkpoint_files` (e.g. weights, dinov2)."""
+        backend = cls.__new__(cls)
+        backend._given_checkpoints = dict(checkpoints)
+        Backend.__init__(backend, conf, device)
+        backend._given_checkpoints = None
+        return backend
+
+    @classmethod
+    def checkpoint_files(cls, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
+        """{role: (file, explicit path or None)} for the configured variant."""
+        raise NotImplementedError
+
+    @classmethod
+    def required_weights(cls, conf: Mapping[str, Any]) -> list[tuple[WeightFile, str | None]]:
+        return list(cls.checkpoint_files(Conf(conf)).values())
+
+    def load_checkpoints(self, conf: Conf) -> dict[str, Any]:
+        files = self.checkpoint_files(conf)
+        if self._given_checkpoints is not None:
+            missing = sorted(set(files) - set(self._given_checkpoints))
+            if missing:
+                raise WeightsError(f"{type(self).__name__}: checkpoints {missing} were not given")
+            return {role: self._given_checkpoints[role] for role in files}
+        return {role: load_checkpoint(weight, explicit) for role, (weight, explicit) in files.items()}
+
+
+def descriptor_family(record: Mapping[str, Any] | None) -> str | None:
+    """The `descriptor_family` of the feature backend a features record ({"backend", "conf"}, as features.h5 keeps
+    it) names, or None when the record names none or a backend that cannot be resolved here."""
+    from .registry import resolve  # the registry imports this module
+
+    if not record or not record.get("backend"):
+        return None
+    try:
+        cls, _ = resolve("features", str(record["backend"]))
+    except ConfigError:
+        return None
+    return cls.descriptor_family
+
+
 def _to_numpy(value: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().float().cpu().numpy()
     return np.asarray(value, dtype=np.float32)
 
 
-def _deep_update(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+def deep_update(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """`update` merged into a copy of `base`, nested mappings merged key by key (no key checks: see merge_conf)."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_update(out[key], value)
+            out[key] = deep_update(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -233,6 +283,10 @@ class LocalFeatures(Backend):
     detection_noise: ClassVar[float] = 1.0
     #: Descriptor storage dtype in features.h5.
     descriptor_dtype: ClassVar[Any] = np.float32
+    #: Which descriptor the features carry, for matchers whose weights or steerers fit one descriptor ("dedode" for
+    #: every detector paired with the DeDoDe descriptor, "sift", "disk", ...); None: no matcher depends on it.
+    #: Matchers read it with `descriptor_family(record)`, so a new detector on a known descriptor edits no matcher.
+    descriptor_family: ClassVar[str | None] = None
 
     #: Run the network and its input in channels_last layout on CPU: oneDNN's convolutions are direct in NHWC
     #: and reorder every NCHW tensor otherwise (DeDoDe's detector L at 784x518, 2 threads: 6.9 s → 3.7 s; DISK's
@@ -366,8 +420,14 @@ class SteerableMatcher(SparseMatcher):
     weight_files: ClassVar[dict[str, Any]] = {f"steerer {name}": (file,) for name, file in STEERER_WEIGHTS.items()}
 
     @classmethod
+    def required_weights(cls, conf: Mapping[str, Any]) -> list[tuple[WeightFile, str | None]]:
+        """The steerer file when steering is on (a bad steerer name is left to `_init` to report)."""
+        variant = f"{conf.get('steerer_descriptor')}-{conf.get('steerer')}"
+        return [(STEERER_WEIGHTS[variant], conf.get("steerer_weights"))] if variant in STEERER_WEIGHTS else []
+
+    @classmethod
     def conf_for_features(cls, record):
-        if not record or record.get("backend") not in ("dedode", "dad"):
+        if descriptor_family(record) != "dedode":
             return {}
         net, _, group = str((record.get("conf") or {}).get("descriptor", "B-upright")).partition("-")
         return {"steerer": group, "steerer_descriptor": net} if group in ("C4", "SO2") else {}

@@ -50,7 +50,7 @@ from torch import nn
 
 from .base import LocalFeatures
 from .errors import ConfigError, WeightsError
-from .weights import WeightFile, load_checkpoint, load_state_dict_strict
+from .weights import DINOV2_VITL14, WeightFile, load_checkpoint, load_state_dict_strict
 
 _DEDODE = "https://github.com/Parskatt/DeDoDe/releases/download"
 _STEERERS = "https://github.com/georg-bn/rotation-steerers/releases/download/release-2"
@@ -69,10 +69,6 @@ DESCRIPTOR_WEIGHTS: dict[str, WeightFile] = {
     "G-C4": WeightFile("G_C4_Perm_descriptor_setting_C.pth", f"{_STEERERS}/G_C4_Perm_descriptor_setting_C.pth"),
     "G-SO2": WeightFile("G_SO2_Spread_descriptor_setting_C.pth", f"{_STEERERS}/G_SO2_Spread_descriptor_setting_C.pth"),
 }
-DINOV2_WEIGHTS = WeightFile(
-    "dinov2_vitl14_pretrain.pth", "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth",
-    note="DINOv2 ViT-L/14 backbone of the DeDoDe-G descriptor (not inside dedode_descriptor_G.pth)",
-)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,7 +76,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def descriptor_files(name: str) -> tuple[WeightFile, ...]:
     files = (DESCRIPTOR_WEIGHTS[name],)
-    return files + (DINOV2_WEIGHTS,) if name.startswith("G") else files
+    return files + (DINOV2_VITL14,) if name.startswith("G") else files
 
 
 def build_descriptor_G(dinov2_state_dict: Mapping[str, torch.Tensor], amp_dtype: torch.dtype) -> DeDoDeDescriptor:
@@ -102,7 +98,7 @@ def build_descriptor_G(dinov2_state_dict: Mapping[str, torch.Tensor], amp_dtype:
                              dinov2_kwargs={"amp": True, "amp_dtype": amp_dtype,
                                             "dinov2_weights": dict(dinov2_state_dict)})
     except RuntimeError as error:  # FrozenDINOv2 loads strictly; a wrong file raises RuntimeError
-        raise WeightsError(f"'{DINOV2_WEIGHTS.filename}' does not fit DINOv2 ViT-L/14: {error}") from error
+        raise WeightsError(f"'{DINOV2_VITL14.filename}' does not fit DINOv2 ViT-L/14: {error}") from error
     return DeDoDeDescriptor(encoder=encoder, decoder=Decoder(refiners, num_prototypes=prototypes))
 
 
@@ -137,17 +133,15 @@ class DetectorDescriptorBackend(LocalFeatures):
     }
     detector_weights: ClassVar[dict[str, WeightFile]] = {}
     channels_last = True
+    descriptor_family = "dedode"
 
     def _init(self, conf) -> None:
-        if conf.descriptor not in DESCRIPTOR_WEIGHTS:
-            raise ConfigError(f"unknown DeDoDe descriptor '{conf.descriptor}'; known: {', '.join(DESCRIPTOR_WEIGHTS)}")
-        explicit = _explicit_paths(conf.weights, ("detector", "descriptor", "dinov2"))
         amp_dtype = torch.float16
         # Resolve every file before building anything, so that a missing file fails fast.
-        detector_file, descriptor_file = self._detector_file(conf), DESCRIPTOR_WEIGHTS[conf.descriptor]
-        detector_state = self._load(detector_file, explicit.get("detector"))
-        descriptor_state = self._load(descriptor_file, explicit.get("descriptor"))
-        dinov2_state = self._load(DINOV2_WEIGHTS, explicit.get("dinov2")) if conf.descriptor.startswith("G") else None
+        files = self.checkpoint_files(conf)
+        (detector_file, _), (descriptor_file, _) = files["detector"], files["descriptor"]
+        states = {role: self._load(weight, explicit) for role, (weight, explicit) in files.items()}
+        detector_state, descriptor_state, dinov2_state = states["detector"], states["descriptor"], states.get("dinov2")
         self.detector = self._build_detector(conf, amp_dtype)
         load_state_dict_strict(self.detector, detector_state, detector_file.filename)
         if dinov2_state is not None:
@@ -182,11 +176,25 @@ class DetectorDescriptorBackend(LocalFeatures):
             **{f"descriptor {name}": descriptor_files(name) for name in DESCRIPTOR_WEIGHTS},
         }
 
-    def _detector_file(self, conf) -> WeightFile:
-        if conf.detector not in self.detector_weights:
-            raise ConfigError(f"unknown {type(self).__name__} detector '{conf.detector}'; "
-                              f"known: {', '.join(self.detector_weights)}")
-        return self.detector_weights[conf.detector]
+    @classmethod
+    def checkpoint_files(cls, conf: Mapping[str, Any]) -> dict[str, tuple[WeightFile, Any]]:
+        """{"detector"|"descriptor"|"dinov2": (file, explicit path or None)}: DINOv2 for the G descriptors only."""
+        if conf["detector"] not in cls.detector_weights:
+            raise ConfigError(f"unknown {cls.__name__} detector '{conf['detector']}'; "
+                              f"known: {', '.join(cls.detector_weights)}")
+        if conf["descriptor"] not in DESCRIPTOR_WEIGHTS:
+            raise ConfigError(f"unknown DeDoDe descriptor '{conf['descriptor']}'; "
+                              f"known: {', '.join(DESCRIPTOR_WEIGHTS)}")
+        explicit = _explicit_paths(conf["weights"], ("detector", "descriptor", "dinov2"))
+        roles = {"detector": cls.detector_weights[conf["detector"]],
+                 "descriptor": DESCRIPTOR_WEIGHTS[conf["descriptor"]]}
+        if conf["descriptor"].startswith("G"):
+            roles["dinov2"] = DINOV2_VITL14
+        return {role: (weight, explicit.get(role)) for role, weight in roles.items()}
+
+    @classmethod
+    def required_weights(cls, conf: Mapping[str, Any]) -> list[tuple[WeightFile, Any]]:
+        return list(cls.checkpoint_files(conf).values())
 
     def _build_detector(self, conf, amp_dtype: torch.dtype) -> nn.Module:
         raise NotImplementedError

@@ -34,6 +34,7 @@ class DISK(LocalFeatures):
         "weights": None,  # explicit checkpoint path
     }
     size_multiple = 16
+    descriptor_family = "disk"
     weight_files: ClassVar[dict[str, Any]] = {name: (file,) for name, file in DISK_WEIGHTS.items()}
 
     def _init(self, conf) -> None:

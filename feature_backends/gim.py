@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Conf
+from .base import Conf, StateDictBackend
 from .dense_warp import Warp, WarpMatcher, identity_grid
 from .errors import WeightsError
-from .roma import DINOV2_VITL14, RoMa, _StateDictBackend, load_strict, resolution
-from .weights import WeightFile
+from .roma import RoMa, resolution
+from .weights import DINOV2_VITL14, WeightFile, load_state_dict_strict
 
 GIM_ROMA = WeightFile(
     "gim_roma_100h.ckpt", "https://drive.google.com/uc?export=download&id=1OGNbJdw9zn5zHC4WNQ0IMqdGCS0HMUfe",
@@ -276,7 +276,7 @@ class DKMv3(nn.Module):
         return flow.clamp(-1, 1), certainty
 
 
-class GIMDKM(WarpMatcher, _StateDictBackend):
+class GIMDKM(WarpMatcher, StateDictBackend):
     """GIM's DKMv3 checkpoint in DKMv3 (built here from romatch and torchvision parts); raw [0, 1] RGB input."""
 
     default_conf = {
@@ -288,7 +288,7 @@ class GIMDKM(WarpMatcher, _StateDictBackend):
         "normalize": False,
         "num_matches": 5000,
     }
-    weight_files = {"gim": GIM_DKM}
+    weight_files = {"gim": (GIM_DKM,)}
 
     @classmethod
     def checkpoint_files(cls, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
@@ -299,7 +299,7 @@ class GIMDKM(WarpMatcher, _StateDictBackend):
         self.upsample_res = resolution(conf.upsample_res, "upsample_res", multiple=8) if conf.upsample else None
         model = DKMv3()
         state_dict = unpack_lightning(self.load_checkpoints(conf)["weights"], drop=("encoder.net.fc.",))
-        load_strict(model, state_dict, "GIM DKM weights")
+        load_state_dict_strict(model, state_dict, "GIM DKM weights")
         self.model = model.eval().to(self.device)
         from .roma import IMAGENET_MEAN, IMAGENET_STD
 

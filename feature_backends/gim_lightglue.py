@@ -18,11 +18,10 @@ import torch.nn.functional as F
 from kornia.feature import LightGlue as KorniaLightGlue
 from torch import nn
 
-from .base import Conf, LocalFeatures
+from .base import Conf, LocalFeatures, StateDictBackend
 from .errors import WeightsError
-from .lightglue import LightGlue, rename_legacy_keys
-from .roma import _StateDictBackend, load_strict
-from .weights import WeightFile, strip_prefix
+from .lightglue import DERIVED_BUFFERS, LightGlue, rename_legacy_keys
+from .weights import WeightFile, load_state_dict_strict, strip_prefix
 
 GIM_LIGHTGLUE = WeightFile(
     "gim_lightglue_100h.ckpt", "https://github.com/xuelunshen/gim/raw/main/weights/gim_lightglue_100h.ckpt",
@@ -74,7 +73,7 @@ def _non_maximum_suppression(scores: torch.Tensor, radius: int) -> torch.Tensor:
     return torch.where(scores == local_max, scores, torch.zeros_like(scores))
 
 
-class GIMSuperPoint(_StateDictBackend, LocalFeatures):
+class GIMSuperPoint(StateDictBackend, LocalFeatures):
     """SuperPoint with GIM's weights (the 'superpoint.' half of gim_lightglue_100h.ckpt); GIM's settings."""
 
     default_conf = {
@@ -87,9 +86,12 @@ class GIMSuperPoint(_StateDictBackend, LocalFeatures):
         "remove_borders": 4,
     }
     size_multiple = 8
-    weight_files = {"gim": GIM_LIGHTGLUE}
+    #: GIM trained SuperPoint and LightGlue together: its descriptors fit GIM's LightGlue only.
+    descriptor_family = "gim-superpoint"
+    weight_files = {"gim": (GIM_LIGHTGLUE,)}
 
-    def checkpoint_files(self, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
+    @classmethod
+    def checkpoint_files(cls, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
         return {"weights": (GIM_LIGHTGLUE, conf.weights)}
 
     def _init(self, conf: Conf) -> None:
@@ -98,7 +100,7 @@ class GIMSuperPoint(_StateDictBackend, LocalFeatures):
         if state is None:
             raise WeightsError("the GIM LightGlue checkpoint is not a dict")
         self.model = SuperPointNet()
-        load_strict(self.model, strip_prefix(state, "superpoint."), "GIM SuperPoint weights")
+        load_state_dict_strict(self.model, strip_prefix(state, "superpoint."), "GIM SuperPoint weights")
         self.model.eval().to(self.device)
 
     def _extract(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -121,13 +123,14 @@ class GIMSuperPoint(_StateDictBackend, LocalFeatures):
         return {"keypoints": keypoints, "descriptors": sampled.T, "scores": values}
 
 
-class GIMLightGlue(LightGlue, _StateDictBackend):
+class GIMLightGlue(LightGlue, StateDictBackend):
     """kornia's LightGlue (SuperPoint configuration) with the 'model.' half of GIM's checkpoint."""
 
     default_conf = {"features": "superpoint", "depth_confidence": -1, "width_confidence": -1}
     weight_files = {"gim": (GIM_LIGHTGLUE,)}
 
-    def checkpoint_files(self, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
+    @classmethod
+    def checkpoint_files(cls, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
         return {"weights": (GIM_LIGHTGLUE, conf.weights)}
 
     def _init(self, conf: Conf) -> None:
@@ -141,5 +144,5 @@ class GIMLightGlue(LightGlue, _StateDictBackend):
         checkpoint = self.load_checkpoints(conf)["weights"]
         state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else {}
         lightglue = rename_legacy_keys(strip_prefix(state, "model."), self.model.conf.n_layers)
-        self.load_weights(lightglue, GIM_LIGHTGLUE.filename)
+        load_state_dict_strict(self.model, lightglue, GIM_LIGHTGLUE.filename, derived=DERIVED_BUFFERS)
         self.model.eval().to(self.device)

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from kornia.feature import LightGlue as KorniaLightGlue
 from kornia.feature.lightglue import CrossBlock
 
-from .base import SparseMatcher
+from .base import SparseMatcher, descriptor_family
 from .errors import ConfigError, WeightsError
-from .weights import WeightFile, load_checkpoint
+from .weights import WeightFile, load_checkpoint, load_state_dict_strict
 
 _CVG = "https://github.com/cvg/LightGlue/releases/download/v0.1_arxiv"
 _CMP = "https://cmp.felk.cvut.cz/~mishkdmy/models"
@@ -68,10 +68,10 @@ def features_from_record(record: Mapping[str, Any] | None) -> str | None:
     """The LightGlue feature type for the {"backend", "conf"} record of a recon features file, if it has one."""
     if not record:
         return None
-    backend, conf = record.get("backend"), record.get("conf") or {}
-    if backend in ("dedode", "dad"):
-        return "dedodeg" if str(conf.get("descriptor", "B")).startswith("G") else "dedodeb"
-    return backend if backend in LIGHTGLUE_WEIGHTS else None
+    family = descriptor_family(record)
+    if family == "dedode":
+        return "dedodeg" if str((record.get("conf") or {}).get("descriptor", "B")).startswith("G") else "dedodeb"
+    return family if family in LIGHTGLUE_WEIGHTS else None
 
 
 def rename_legacy_keys(state_dict: Mapping[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
@@ -120,22 +120,14 @@ class LightGlue(SparseMatcher):
         state_dict = load_checkpoint(weight, conf.weights)
         if not isinstance(state_dict, Mapping):
             raise WeightsError(f"'{weight.filename}' is not a state dict (got {type(state_dict).__name__})")
-        self.load_weights(rename_legacy_keys(state_dict, self.model.conf.n_layers), weight.filename)
+        load_state_dict_strict(self.model, rename_legacy_keys(state_dict, self.model.conf.n_layers), weight.filename,
+                               derived=DERIVED_BUFFERS)
         self.model.eval().to(self.device)
         for block in self.model.modules():
             if type(block) is CrossBlock:
                 block.__class__ = _SDPACrossBlock
         if conf.features == "sift":
             self.required_inputs = ("keypoints", "descriptors", "scales", "oris")
-
-    def load_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
-        result = self.model.load_state_dict(state_dict, strict=False)
-        missing = [k for k in result.missing_keys if k not in DERIVED_BUFFERS]
-        if missing or result.unexpected_keys:
-            raise WeightsError(
-                f"'{source}' does not fit LightGlue for {self.features}: {len(missing)} missing keys {missing[:5]}, "
-                f"{len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:5]}"
-            )
 
     def _image(self, data: dict[str, torch.Tensor], suffix: str) -> dict[str, torch.Tensor]:
         descriptors = data["descriptors" + suffix].mT.float()

@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from .base import Backend
+from .base import Backend, deep_update, merge_conf
 from .errors import ConfigError
 
 KINDS = ("features", "matcher", "dense", "global")
@@ -41,9 +41,9 @@ BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
         "gim-dkm": "feature_backends.gim:GIMDKM",
     },
     "global": {
-        "vlad": "pairs.vlad:VLAD",
-        "netvlad": "pairs.netvlad:NetVLAD",
-        "cosplace": "pairs.cosplace:CosPlace",
+        "vlad": "feature_backends.vlad:VLAD",
+        "netvlad": "feature_backends.netvlad:NetVLAD",
+        "cosplace": "feature_backends.cosplace:CosPlace",
     },
 }
 
@@ -102,22 +102,23 @@ def split_conf(conf: Mapping[str, Any] | str) -> tuple[str, dict[str, Any]]:
     return name, conf
 
 
-def get_backend(kind: str, name: str, conf: Mapping[str, Any] | None = None, device: Any = None) -> Backend:
-    cls, preset = resolve(kind, name)
-    from .base import merge_conf
+def _overrides(preset: Mapping[str, Any], conf: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The user's conf deep-merged over the registry preset: what the backend merges over its defaults."""
+    return deep_update(preset, conf or {})
 
-    merged = merge_conf(cls.full_default_conf(), preset) if preset else {}
-    if conf:
-        merged = merge_conf(cls.full_default_conf() if not merged else merged, conf)
-    return cls(merged or None, device=device)
+
+def get_backend(kind: str, name: str, conf: Mapping[str, Any] | None = None, device: Any = None) -> Backend:
+    """Build a backend: its defaults, the registry preset on top, the user's conf on top of that; the backend's
+    constructor merges and checks them once."""
+    cls, preset = resolve(kind, name)
+    return cls(_overrides(preset, conf) or None, device=device)
 
 
 def preflight(kind: str, name: str, conf: Mapping[str, Any] | None = None) -> list[str]:
     """Check a backend's configuration and find (or fetch) every weight file it will load, without building it:
     what a run does for all its backends before the first stage. Returns the files' paths."""
-    from .base import merge_conf
     from .weights import resolve_weights
 
     cls, preset = resolve(kind, name)
-    merged = merge_conf(cls.full_default_conf(), {**preset, **(conf or {})}, where=f"{cls.__name__}.")
+    merged = merge_conf(cls.full_default_conf(), _overrides(preset, conf), where=f"{cls.__name__}.")
     return [str(resolve_weights(weight, explicit)) for weight, explicit in cls.required_weights(merged)]

@@ -41,10 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import Backend, Conf
+from .base import Conf, StateDictBackend
 from .dense_warp import Warp, WarpMatcher
 from .errors import ConfigError, WeightsError
-from .weights import WeightFile, load_checkpoint
+from .weights import DINOV2_VITL14, WeightFile, load_state_dict_strict
 
 ROMA_OUTDOOR = WeightFile(
     "roma_outdoor.pth", "https://github.com/Parskatt/storage/releases/download/roma/roma_outdoor.pth",
@@ -62,11 +62,6 @@ TINY_ROMA_OUTDOOR = WeightFile(
 MINIMA_ROMA = WeightFile(
     "minima_roma.pth", "https://github.com/LSXI7/storage/releases/download/MINIMA/minima_roma.pth",
     note="MINIMA's RoMa (plain RoMa state dict, cross-modal training)",
-)
-DINOV2_VITL14 = WeightFile(
-    "dinov2_vitl14_pretrain.pth",
-    "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth",
-    note="DINOv2 ViT-L/14 backbone used by every RoMa variant",
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -90,52 +85,6 @@ def resize_tensor(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     return F.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-
-
-class _StateDictBackend(Backend):
-    """Backends whose weights are state dicts: from files (normal use) or given in memory (tests, notebooks)."""
-
-    _given_checkpoints: dict[str, Any] | None = None
-
-    @classmethod
-    def from_checkpoints(cls, checkpoints: Mapping[str, Any], conf: Mapping[str, Any] | None = None,
-                         device: Any = None):
-        """Build from already-loaded checkpoint objects, keyed like `checkpoint_files` (e.g. weights, dinov2).
-
-        The checkpoints go through exactly the unpacking and strict loading that files get.
-        """
-        backend = cls.__new__(cls)
-        backend._given_checkpoints = dict(checkpoints)
-        Backend.__init__(backend, conf, device)
-        backend._given_checkpoints = None
-        return backend
-
-    @classmethod
-    def checkpoint_files(cls, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
-        """{role: (file, explicit path or None)} for the configured variant."""
-        raise NotImplementedError
-
-    @classmethod
-    def required_weights(cls, conf: Mapping[str, Any]) -> list[tuple[WeightFile, str | None]]:
-        return list(cls.checkpoint_files(Conf(conf)).values())
-
-    def load_checkpoints(self, conf: Conf) -> dict[str, Any]:
-        files = self.checkpoint_files(conf)
-        if self._given_checkpoints is not None:
-            missing = sorted(set(files) - set(self._given_checkpoints))
-            if missing:
-                raise WeightsError(f"{type(self).__name__}: checkpoints {missing} were not given")
-            return {role: self._given_checkpoints[role] for role in files}
-        return {role: load_checkpoint(weight, explicit) for role, (weight, explicit) in files.items()}
-
-
-def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    result = module.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise WeightsError(
-            f"'{source}' does not fit {type(module).__name__}: {len(result.missing_keys)} missing keys "
-            f"{result.missing_keys[:5]}, {len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:5]}"
-        )
 
 
 def build_roma(
@@ -164,7 +113,7 @@ def build_roma(
     return model.eval()
 
 
-class RoMa(WarpMatcher, _StateDictBackend):
+class RoMa(WarpMatcher, StateDictBackend):
     """RoMa through romatch. Variants: outdoor (default), indoor, minima (MINIMA's RoMa weights)."""
 
     default_conf = {
@@ -288,7 +237,7 @@ def split_romatch_warp(warp: torch.Tensor, certainty: torch.Tensor, symmetric: b
                 backward=warp[:, width:, :2], backward_certainty=certainty[:, width:])
 
 
-class TinyRoMa(WarpMatcher, _StateDictBackend):
+class TinyRoMa(WarpMatcher, StateDictBackend):
     """Tiny RoMa v1 (XFeat backbone): grayscale, near-native resolution, one direction."""
 
     default_conf = {
@@ -299,7 +248,7 @@ class TinyRoMa(WarpMatcher, _StateDictBackend):
         "num_matches": 5000,  # tiny RoMa's default
         "exact_softmax": False,
     }
-    weight_files = {"outdoor": TINY_ROMA_OUTDOOR}
+    weight_files = {"outdoor": (TINY_ROMA_OUTDOOR,)}
 
     @classmethod
     def checkpoint_files(cls, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
@@ -311,7 +260,7 @@ class TinyRoMa(WarpMatcher, _StateDictBackend):
 
         state_dict = self.load_checkpoints(conf)["weights"]
         model = RomatchTinyRoMa(xfeat=XFeatModel(), freeze_xfeat=False, exact_softmax=conf.exact_softmax)
-        load_strict(model, state_dict, "tiny RoMa weights")
+        load_state_dict_strict(model, state_dict, "tiny RoMa weights")
         self.model = model.eval().to(self.device)
 
     def _warp(self, image0: torch.Tensor, image1: torch.Tensor) -> Warp:

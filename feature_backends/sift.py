@@ -47,6 +47,7 @@ class SIFT(LocalFeatures):
         "root_sift": True,
         "num_threads": None,  # OpenCV threads; None keeps OpenCV's default
     }
+    descriptor_family = "sift"
 
     def _init(self, conf) -> None:
         if conf.num_threads is not None:

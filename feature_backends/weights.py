@@ -18,6 +18,7 @@ import hashlib
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,13 @@ def load_file_safely(path: str | Path) -> Any:
         ) from error
 
 
+#: DINOv2 ViT-L/14 (Oquab et al. 2023), loaded by every RoMa variant and by the DeDoDe-G descriptor; neither
+#: backend's checkpoint holds it. Declared once here so one file serves (and `recon weights check` verifies) both.
+DINOV2_VITL14 = WeightFile(
+    "dinov2_vitl14_pretrain.pth", "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth",
+    note="DINOv2 ViT-L/14 backbone of RoMa (every variant) and of the DeDoDe-G descriptor",
+)
+
 _STEERERS = "https://github.com/georg-bn/rotation-steerers/releases/download/release-2"
 #: Steerers of the DeDoDe "setting C" descriptors (Bökman et al., CVPR 2024), by descriptor variant. Each file is a
 #: bare (256, 256) tensor, not a state dict: for C4 the steerer itself (one quarter turn), for SO2 the Lie-algebra
@@ -179,12 +187,23 @@ def strip_prefix(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, Any], source: str) -> None:
-    """load_state_dict(strict=True) with an error that lists what is missing or unexpected."""
-    result = module.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+def load_state_dict_strict(
+    module: torch.nn.Module, state_dict: Any, source: str, derived: frozenset[str] | set[str] = frozenset(),
+) -> None:
+    """load_state_dict(strict=True), with every way a file can fail to fit raised as one WeightsError naming it:
+    not a mapping, missing or unexpected keys (counted, first five listed), or a tensor of the wrong shape (which
+    torch reports as a bare RuntimeError). `derived` names buffers a module computes from its configuration, which
+    a checkpoint may or may not carry (LightGlue's `confidence_thresholds`)."""
+    what = type(module).__name__
+    if not isinstance(state_dict, Mapping):
+        raise WeightsError(f"'{source}' is not a state dict (got {type(state_dict).__name__}), so it cannot fit {what}")
+    try:
+        result = module.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # shape mismatches are raised even with strict=False
+        raise WeightsError(f"'{source}' does not fit {what}: {str(error).strip()[:500]}") from error
+    missing = [key for key in result.missing_keys if key not in derived]
+    if missing or result.unexpected_keys:
         raise WeightsError(
-            f"'{source}' does not fit {type(module).__name__}: "
-            f"{len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
+            f"'{source}' does not fit {what}: {len(missing)} missing keys {missing[:5]}, "
             f"{len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:5]}"
         )

@@ -45,13 +45,18 @@ def write_pairs(path: str | Path, pairs: Iterable[tuple[str, str]]) -> Path:
     return path
 
 
+def pair_key(name0: str, name1: str) -> tuple[str, str]:
+    """The same key for a pair in either direction (names in sorted order): a pair is unordered."""
+    return (name0, name1) if name0 <= name1 else (name1, name0)
+
+
 def deduplicate(pairs: Iterable[tuple[str, str]], seen: set[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
     """Drop self-pairs and repeated pairs in either direction, keeping first occurrences in order. `seen`
     (updated in place) carries the pairs already taken across calls."""
     seen = set() if seen is None else seen
     unique = []
     for name0, name1 in pairs:
-        key = (name0, name1) if name0 <= name1 else (name1, name0)
+        key = pair_key(name0, name1)
         if name0 != name1 and key not in seen:
             seen.add(key)
             unique.append((name0, name1))

@@ -24,7 +24,9 @@ from tqdm import tqdm
 from feature_backends import registry
 from feature_backends.errors import ImageReadError, InputError
 from feature_backends.images import iter_images, list_images
-from feature_backends.store import GlobalWriter, read_global_descriptors
+from feature_backends.store import GlobalWriter
+
+from .io import pair_key
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +158,7 @@ def cap_per_image(scored: Sequence[ScoredPair], max_pairs_per_image: int | None)
     for name0, name1, score in scored:
         if name0 == name1:
             continue
-        key = (name0, name1) if name0 <= name1 else (name1, name0)
+        key = pair_key(name0, name1)
         if key not in best:
             best[key] = (name0, name1, score)
         elif score > best[key][2]:
@@ -172,31 +174,3 @@ def cap_per_image(scored: Sequence[ScoredPair], max_pairs_per_image: int | None)
             count[name1] += 1
             kept.append((name0, name1, score))
     return kept
-
-
-def top_k_pairs(
-    descriptors_path: str | Path,
-    num_matched: int,
-    query_names: Sequence[str] | None = None,
-    database_names: Sequence[str] | None = None,
-    min_score: float | None = None,
-    max_pairs_per_image: int | None = None,
-    allowed: Mapping[str, Iterable[str]] | None = None,
-    always_allowed: Iterable[str] = (),
-) -> list[tuple[str, str]]:
-    """Each query with its `num_matched` most similar database images (self excluded), de-duplicated."""
-    all_names, _ = read_global_descriptors(descriptors_path)
-    queries, query_desc = read_global_descriptors(descriptors_path, query_names or all_names)
-    database, db_desc = read_global_descriptors(descriptors_path, database_names or all_names)
-    scored = retrieve(queries, query_desc, database, db_desc, num_matched, min_score, allowed, always_allowed)
-    return [(name0, name1) for name0, name1, _ in cap_per_image(scored, max_pairs_per_image)]
-
-
-def neighbours(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
-    """Pair list → each image's partners in both directions, in pair order."""
-    out: dict[str, list[str]] = {}
-    for name0, name1 in pairs:
-        out.setdefault(name0, []).append(name1)
-        out.setdefault(name1, []).append(name0)
-    return out
-

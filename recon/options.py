@@ -179,7 +179,3 @@ def to_dict(options: Any) -> dict[str, Any]:
     """A JSON-ready record of an options dataclass (paths as strings)."""
     return json.loads(json.dumps(dataclasses.asdict(options), default=str))
 
-
-def check_choices(value: Any, choices: Sequence[Any], name: str) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, not '{value}'")

@@ -23,7 +23,7 @@ def _weight_table() -> list[tuple[str, str, str, WeightFile | None, str]]:
             if preset.get("variant") in variants:  # a preset such as minima-roma needs only its own files
                 variants = {preset["variant"]: variants[preset["variant"]]}
             for variant, files in variants.items():
-                for weight in (files if isinstance(files, (tuple, list)) else (files,)):
+                for weight in files:
                     rows.append((kind, name, variant, weight, ""))
     return rows
 

@@ -88,8 +88,8 @@ def random_roma_checkpoints():
 
 def load_checkpoints(use_official: bool):
     if use_official:
-        from feature_backends.roma import DINOV2_VITL14, ROMA_OUTDOOR
-        from feature_backends.weights import load_checkpoint
+        from feature_backends.roma import ROMA_OUTDOOR
+        from feature_backends.weights import DINOV2_VITL14, load_checkpoint
 
         return {"weights": load_checkpoint(ROMA_OUTDOOR, download=False),
                 "dinov2": load_checkpoint(DINOV2_VITL14, download=False)}, "official"

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from feature_backends import registry
+from feature_backends.base import merge_conf
 from feature_backends.errors import ReconError
 from feature_backends.weights import find_weights
 from pairs.exhaustive import exhaustive_pairs
@@ -114,18 +115,10 @@ def mixed_folder(target: Path, full_resolution: bool) -> Path:
 
 
 def weights_present(name: str) -> tuple[bool, str]:
-    cls, _ = registry.resolve("global", name)
-    if not cls.weight_files:
-        return True, ""
-    conf = cls.full_default_conf()
-    if name == "netvlad":
-        key = conf["model"]
-    elif name == "cosplace":
-        key = f"{conf['backbone']}-{conf['dim']}"
-    else:
-        key = next(iter(cls.weight_files))
-    weight = cls.weight_files[key]
-    return find_weights(weight) is not None, weight.filename
+    """Whether every file the backend's default configuration loads is here, and the files' names."""
+    cls, preset = registry.resolve("global", name)
+    files = [weight for weight, _ in cls.required_weights(merge_conf(cls.full_default_conf(), preset))]
+    return all(find_weights(weight) is not None for weight in files), ", ".join(w.filename for w in files)
 
 
 def quality_rows(folder: Path, out: Path, ks: list[int], device: str | None) -> list[dict]:

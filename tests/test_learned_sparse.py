@@ -398,6 +398,9 @@ def test_features_record_selects_lightglue_weights():
     assert features_from_record({"backend": "dad", "conf": {"descriptor": "B-upright"}}) == "dedodeb"
     assert features_from_record({"backend": "aliked", "conf": {}}) == "aliked"
     assert features_from_record({"backend": "sift", "conf": {}}) == "sift"
+    # The family is the backend class's, so a detector named by its class path (not a registry name) works too.
+    assert features_from_record({"backend": "feature_backends.dad:DaD", "conf": {}}) == "dedodeb"
+    assert features_from_record({"backend": "gim-superpoint", "conf": {}}) is None
     assert features_from_record(None) is None
 
 

@@ -15,8 +15,8 @@ from scipy.io import savemat
 from feature_backends import registry
 from feature_backends.errors import ConfigError, WeightsError
 from feature_backends.store import read_global_descriptors
-from pairs.cosplace import BACKBONES, CosPlace, GeoLocalizationNet
-from pairs.netvlad import NetVLAD, NetVLADNet
+from feature_backends.cosplace import BACKBONES, CosPlace, GeoLocalizationNet
+from feature_backends.netvlad import NetVLAD, NetVLADNet
 from pairs.retrieval import extract_global_descriptors, retrieve
 
 SMALL_CLUSTERS, SMALL_WHITEN = 8, 32
@@ -153,7 +153,7 @@ def test_netvlad_published_dimensions():
         out = net(torch.rand(2, 3, 64, 64))
     assert out.shape == (2, 4096)
     np.testing.assert_allclose(out.norm(dim=1).numpy(), 1.0, atol=1e-5)
-    assert NetVLAD.weight_files["pitts30k"].url == "https://cvg-data.inf.ethz.ch/hloc/netvlad/Pitts30K_struct.mat"
+    assert NetVLAD.weight_files["pitts30k"][0].url == "https://cvg-data.inf.ethz.ch/hloc/netvlad/Pitts30K_struct.mat"
 
 
 def test_netvlad_batch_equals_one_by_one(netvlad):

@@ -17,10 +17,9 @@ import torch
 import torchvision
 from torch import nn
 
-from feature_backends.errors import ConfigError
-from feature_backends.weights import WeightFile, load_checkpoint
-
-from .learned import LearnedGlobalDescriptor, load_strict
+from .errors import ConfigError
+from .global_learned import LearnedGlobalDescriptor
+from .weights import WeightFile, load_checkpoint, load_state_dict_strict
 
 RELEASE_URL = "https://github.com/gmberton/CosPlace/releases/download/v1.0"
 
@@ -88,7 +87,7 @@ class GeoLocalizationNet(nn.Module):
 class CosPlace(LearnedGlobalDescriptor):
     default_conf = {"backbone": "ResNet50", "dim": 2048, "resize_max": 1024}
     weight_files = {
-        f"{backbone}-{dim}": weight_file(backbone, dim) for backbone, (_, dims) in BACKBONES.items() for dim in dims
+        f"{backbone}-{dim}": (weight_file(backbone, dim),) for backbone, (_, dims) in BACKBONES.items() for dim in dims
     }
 
     @classmethod
@@ -106,7 +105,7 @@ class CosPlace(LearnedGlobalDescriptor):
             )
         net = GeoLocalizationNet(conf.backbone, conf.dim)
         weight = weight_file(conf.backbone, conf.dim)
-        load_strict(net, load_checkpoint(weight, conf.weights), conf.weights or weight.filename)
+        load_state_dict_strict(net, load_checkpoint(weight, conf.weights), conf.weights or weight.filename)
         self.register_normalisation()
         return net
 

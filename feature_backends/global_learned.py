@@ -13,10 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from feature_backends.base import GlobalDescriptor
-from feature_backends.errors import InputError, WeightsError
-from feature_backends.images import resize_image
-from feature_backends.weights import load_state_dict_strict
+from .base import GlobalDescriptor
+from .errors import InputError
+from .images import resize_image
 
 
 class LearnedGlobalDescriptor(GlobalDescriptor):
@@ -58,10 +57,3 @@ class LearnedGlobalDescriptor(GlobalDescriptor):
     def describe(self, image: np.ndarray) -> np.ndarray:
         return self.describe_batch([image])[0]
 
-
-def load_strict(net: torch.nn.Module, state_dict: dict, source: str) -> None:
-    """Strict loading where a wrong shape is a WeightsError too (torch raises a bare RuntimeError for it)."""
-    try:
-        load_state_dict_strict(net, state_dict, source)
-    except RuntimeError as error:
-        raise WeightsError(f"'{source}' does not fit {type(net).__name__}: {str(error).strip()[:500]}") from error

@@ -23,10 +23,10 @@ import logging
 import numpy as np
 import torch
 
-from feature_backends.base import GlobalDescriptor
-from feature_backends.errors import InputError
-from feature_backends.images import iter_images
-from feature_backends.sift import SIFT
+from .base import GlobalDescriptor
+from .errors import InputError
+from .images import iter_images
+from .sift import SIFT
 
 logger = logging.getLogger(__name__)
 

@@ -31,10 +31,9 @@ import torch
 import torchvision
 from torch import nn
 
-from feature_backends.errors import ConfigError, WeightsError
-from feature_backends.weights import WeightFile, resolve_weights
-
-from .learned import LearnedGlobalDescriptor, load_strict
+from .errors import ConfigError, WeightsError
+from .global_learned import LearnedGlobalDescriptor
+from .weights import WeightFile, load_state_dict_strict, resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +176,7 @@ class NetVLAD(LearnedGlobalDescriptor):
         "whiten_dim": 4096,
         "resize_max": 1024,
     }
-    weight_files = dict(MODELS)
+    weight_files = {name: (weight,) for name, weight in MODELS.items()}
     variant_key = "model"
 
     def _build(self, conf) -> nn.Module:
@@ -190,7 +189,7 @@ class NetVLAD(LearnedGlobalDescriptor):
             logger.info("NetVLAD: using hloc's cached %s", hloc_copy)
             explicit = hloc_copy
         path = resolve_weights(MODELS[conf.model], explicit)
-        load_strict(net, state_dict_from_mat(load_mat(path), net), str(path))
+        load_state_dict_strict(net, state_dict_from_mat(load_mat(path), net), str(path))
         return net
 
     def _describe(self, image: torch.Tensor) -> torch.Tensor:
