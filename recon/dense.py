@@ -148,6 +148,7 @@ def match_dense(
         match_quantised(model, dense_name, pairs, image_dir, features_path, matches_path, **stage)
     else:
         stage = _split_stage_conf(backend_conf, ANCHORED_DEFAULTS, QUANTISED_DEFAULTS, "anchored")
+        _require_warp(registry.resolve("dense", dense_name)[0], name, dense_name)  # before any extraction
         if feature_conf and features != anchor:
             raise ConfigError(
                 f"the feature configuration given is for '{features}', but '{name}' anchors on '{anchor}'; "
@@ -159,6 +160,15 @@ def match_dense(
         model = registry.get_backend("dense", dense_name, backend_conf, device=device)
         match_anchored(model, dense_name, pairs, image_dir, features_path, matches_path, **stage)
     return Path(features_path), Path(matches_path)
+
+
+def _require_warp(backend, name: str, dense_name: str) -> None:
+    """Anchored mode maps keypoints through a dense warp; matchers that answer with matches only (LoFTR) have none."""
+    if not hasattr(backend, "warp_images"):
+        raise ConfigError(
+            f"'{name}': anchored mode needs a dense warp to map keypoints through, and '{dense_name}' predicts "
+            f"matches, not a warp; use it in quantised mode (--matcher {dense_name})"
+        )
 
 
 # Per-image encodings (e.g. RoMa's encoder features, ~0.5 GB per image at 560/864 in float32) kept for the
@@ -466,8 +476,7 @@ def _stored_keypoints(features_path, matches_path, pairs, image_ids, tracks: _Tr
 def match_anchored(model, name: str, pairs: Sequence[tuple[str, str]], image_dir: Path, features_path, matches_path,
                    radius: float, cycle: bool, exclusive: bool = False, consistent: bool = True,
                    propagate: bool = True) -> Path:
-    if not hasattr(model, "warp_images"):
-        raise ConfigError(f"dense backend '{name}' does not expose its warp, so it cannot match anchored keypoints")
+    _require_warp(model, name, name)
     min_certainty = float(model.conf.get("min_certainty", 0.0))
     record = {"backend": name, "conf": model.conf.to_dict(), "mode": "anchored",
               "anchors": read_stored_conf(features_path), "radius": radius, "cycle": cycle,
