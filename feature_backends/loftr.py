@@ -69,7 +69,8 @@ def unpack_lightning_state(checkpoint: Any, prefixes: tuple[str, ...], source: s
     """A Lightning checkpoint (or a plain state dict) → the network's state dict: 'state_dict' taken if present and
     the first of `prefixes` that a key starts with stripped (kornia strips 'matcher.', GIM also 'model.')."""
     if not isinstance(checkpoint, Mapping):
-        raise WeightsError(f"'{source}' is not a state dict or a Lightning checkpoint (got {type(checkpoint).__name__})")
+        raise WeightsError(
+            f"'{source}' is not a state dict or a Lightning checkpoint (got {type(checkpoint).__name__})")
     state = checkpoint.get("state_dict", checkpoint)
     out = {}
     for key, value in state.items():
@@ -126,7 +127,8 @@ class LoFTRMatcher(DenseMatcher, _StateDictBackend):
 
     def checkpoint_files(self, conf: Conf) -> dict[str, tuple[WeightFile, str | None]]:
         if conf.variant not in self.variants:
-            raise ConfigError(f"unknown {type(self).__name__} variant '{conf.variant}'; known: {', '.join(self.variants)}")
+            raise ConfigError(
+                f"unknown {type(self).__name__} variant '{conf.variant}'; known: {', '.join(self.variants)}")
         return {"weights": (self.variants[conf.variant][0], conf.weights)}
 
     def build_network(self, conf: Conf) -> nn.Module:

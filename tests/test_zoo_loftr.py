@@ -62,7 +62,8 @@ def informative_state_dict(network, image: torch.Tensor, seed: int = 0, gain: fl
     for key, features in inputs.items():
         common = torch.nn.functional.normalize(features.mean(dim=(0, 2, 3)), dim=0)
         weight = state[key]
-        state[key] = (weight - torch.einsum("oikl,i->okl", weight, common)[:, None] * common[None, :, None, None]) * gain
+        along = torch.einsum("oikl,i->okl", weight, common)[:, None] * common[None, :, None, None]
+        state[key] = (weight - along) * gain
     for key in state:
         if ".norm2." in key:  # each layer adds norm2(...): scaling it damps the message
             state[key] = state[key] * damp
@@ -213,10 +214,11 @@ def gim_layout() -> dict[str, tuple[int, ...]]:
         layout.update({f"{prefix}.{p}": (n,) for p in ("weight", "bias", "running_mean", "running_var")})
         layout[f"{prefix}.num_batches_tracked"] = ()
 
-    layout.update({"backbone.layer3_outconv.weight": (256, 1024, 1, 1), "backbone.layer2_outconv.weight": (256, 512, 1, 1),
-                   "backbone.layer2_outconv2.0.weight": (256, 256, 3, 3), "backbone.layer2_outconv2.3.weight": (196, 256, 3, 3),
-                   "backbone.layer1_outconv.weight": (196, 256, 1, 1), "backbone.layer1_outconv2.0.weight": (196, 196, 3, 3),
-                   "backbone.layer1_outconv2.3.weight": (128, 196, 3, 3)})
+    fpn = {"layer3_outconv": (256, 1024, 1, 1), "layer2_outconv": (256, 512, 1, 1),
+           "layer2_outconv2.0": (256, 256, 3, 3), "layer2_outconv2.3": (196, 256, 3, 3),
+           "layer1_outconv": (196, 256, 1, 1), "layer1_outconv2.0": (196, 196, 3, 3),
+           "layer1_outconv2.3": (128, 196, 3, 3)}
+    layout.update({f"backbone.{name}.weight": shape for name, shape in fpn.items()})
     norm("backbone.layer2_outconv2.1", 256)
     norm("backbone.layer1_outconv2.1", 196)
     for module, layers, d in (("loftr_coarse", 8, 256), ("loftr_fine", 2, 128)):
@@ -302,3 +304,35 @@ def test_imd_answers_that_it_has_no_public_code_or_weights(crops, tmp_path, caps
     for file in ("loftr_outdoor.ckpt", "loftr_indoor.ckpt", "loftr_indoor_ds_new.ckpt", "minima_loftr.ckpt",
                  "gim_loftr_50h.ckpt"):
         assert file in listing
+
+
+def test_recon_run_with_loftr_goes_through_the_dense_stage_to_mapping(tmp_path, monkeypatch, capsys):
+    """`recon run --matcher loftr` with random weights on a generated 5-view plane scene: the dense stage writes
+    LoFTR's quantised keypoints and matches and hands them to verification and mapping. Random weights cannot
+    register a scene (123 raw matches, 3 of 10 pairs verified when this was written), so the run must end with
+    the mapping stage's one-line error, not inside the matcher."""
+    from kornia.feature import LoFTR
+
+    from feature_backends.images import read_image
+    from feature_backends.loftr import kornia_loftr_config
+    from feature_backends.store import FeatureReader, MatchReader
+    from recon.cli import main
+    from recon.synthetic import PlaneSceneSpec, make_plane_scene
+
+    scene = make_plane_scene(tmp_path / "scene", PlaneSceneSpec(num_frames=5, arc_degrees=20.0, width=320, height=240,
+                                                                focal=250.0))
+    images = scene / "images"
+    names = sorted(p.name for p in images.iterdir())
+    network = LoFTR(pretrained=None, config=kornia_loftr_config(False, 0.2))
+    state = informative_state_dict(network, gray(read_image(images / names[0])))
+    (tmp_path / "weights").mkdir()
+    torch.save(lightning(state, "matcher."), tmp_path / "weights" / "loftr_outdoor.ckpt")
+    monkeypatch.setenv("RECON_WEIGHTS_DIR", str(tmp_path / "weights"))
+    assert main(["run", str(images), str(tmp_path / "out"), "--matcher", "loftr", "--export", ""]) == 1
+    assert "mapping failed" in capsys.readouterr().err
+    with FeatureReader(tmp_path / "out" / "features.h5") as features, \
+            MatchReader(tmp_path / "out" / "matches.h5") as matches:
+        assert all(len(features.read_keypoints(name)) > 10 for name in names)  # 18-61 when written
+        counts = [len(matches.read(names[i], names[j])[0]) for i in range(5) for j in range(i + 1, 5)
+                  if matches.has(names[i], names[j]) or matches.has(names[j], names[i])]
+    assert len(counts) == 10 and sum(counts) > 80  # 123 when written
