@@ -39,12 +39,25 @@ BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
         "minima-roma": ("feature_backends.roma:RoMa", {"variant": "minima"}),
         "gim-roma": "feature_backends.gim:GIMRoMa",
         "gim-dkm": "feature_backends.gim:GIMDKM",
+        "loftr": "feature_backends.loftr:LoFTRMatcher",
+        "loftr-indoor": ("feature_backends.loftr:LoFTRMatcher", {"variant": "indoor", "resize_max": 640}),
+        "loftr-indoor-new": ("feature_backends.loftr:LoFTRMatcher", {"variant": "indoor_new", "resize_max": 640}),
+        "minima-loftr": ("feature_backends.loftr:LoFTRMatcher",
+                         {"variant": "minima", "resize_max": 640, "resize_force": True}),
+        "gim-loftr": "feature_backends.gim_loftr:GIMLoFTR",
+        "imd": "unavailable",  # see UNAVAILABLE
     },
     "global": {
         "vlad": "feature_backends.vlad:VLAD",
         "netvlad": "feature_backends.netvlad:NetVLAD",
         "cosplace": "feature_backends.cosplace:CosPlace",
     },
+}
+
+# Published methods recon cannot offer, and why: listed with the others, and naming one answers with the reason.
+UNAVAILABLE: dict[str, str] = {
+    "imd": "IMD (ICCV 2025, diffusion features) has no public code or weights (none could be found), so recon "
+           "cannot run it; use loftr, roma or gim-roma instead",
 }
 
 
@@ -61,6 +74,8 @@ def names(kind: str) -> list[str]:
 def resolve(kind: str, name: str) -> tuple[type[Backend], dict[str, Any]]:
     """The backend class for `name` and its preset conf."""
     _check_kind(kind)
+    if name in UNAVAILABLE:
+        raise ConfigError(f"{kind} backend '{name}' is not available: {UNAVAILABLE[name]}")
     entry = BACKENDS[kind].get(name)
     if entry is None:
         if ":" not in name:

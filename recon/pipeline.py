@@ -32,7 +32,7 @@ from feature_backends.images import list_images
 from pairs.io import read_name_list
 from pairs.planner import PairOptions
 
-from .dense import DenseOptions, is_dense_matcher, match_dense, parse_matcher_name
+from .dense import DenseOptions, is_dense_matcher, match_dense, parse_matcher_name, require_warp
 from .export import ExportOptions, export
 from .extract import ExtractOptions, extract
 from .frames import FRAMES_RECORD, FrameOptions, frame_names, has_video, sequence_folders, write_frames
@@ -109,6 +109,8 @@ class RunConfig:
             features, feature_conf = registry.split_conf(self.extract_options().backend_conf())
             files += registry.preflight("features", features, feature_conf)
         if self.dense_mode:
+            if anchor is not None:
+                require_warp(dense)
             stage_keys = set(DenseOptions.QUANTISED + DenseOptions.ANCHORED)
             files += registry.preflight("dense", dense, {k: v for k, v in conf.items() if k not in stage_keys})
         else:

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from feature_backends import registry, weights
-from feature_backends.errors import WeightsError
+from feature_backends.errors import ConfigError, WeightsError
 from feature_backends.store import FeatureReader, MatchReader, read_global_descriptors
 from feature_backends.weights import WeightFile
 from pairs.io import write_pairs
@@ -110,6 +110,26 @@ def _cosplace_resnet18():
     return GeoLocalizationNet("ResNet18", 512).state_dict()
 
 
+def _loftr(temp_bug_fix: bool):
+    def make():
+        from kornia.feature import LoFTR
+        from test_zoo_loftr import informative_state_dict  # plain random LoFTR weights match (almost) nothing
+
+        from feature_backends.loftr import kornia_loftr_config
+
+        network = LoFTR(pretrained=None, config=kornia_loftr_config(temp_bug_fix, 0.2))
+        texture = torch.from_numpy(np.random.default_rng(0).random((1, 1, HEIGHT, WIDTH), np.float32))
+        state = informative_state_dict(network, texture)
+        return {"state_dict": {f"matcher.{k}": v for k, v in state.items()}}  # Lightning layout
+    return make
+
+
+def _gim_loftr():
+    from feature_backends.gim_loftr import gim_loftr_network
+
+    return {"state_dict": {f"model.{k}": v for k, v in gim_loftr_network(0.2).state_dict().items()}}
+
+
 def _netvlad_mat(path: Path) -> None:
     from test_retrieval import write_netvlad_mat
 
@@ -128,10 +148,13 @@ class Recipe:
     #: Not built here: exactly the files `preflight` must ask for, in its order, and why it is not built.
     preflight_only: tuple[str, ...] = ()
     why: str = ""
+    #: Listed but refused with this reason (registry.UNAVAILABLE): naming it must raise a ConfigError saying so.
+    unavailable: str = ""
 
 
 ROMA_NOT_BUILT = "DINOv2 ViT-L/14 (300M parameters) alone takes longer to build than this test's whole budget"
 DINOV2 = "dinov2_vitl14_pretrain.pth"
+LOFTR = {"resize_max": 128, "match_threshold": 0.0}
 
 RECIPES: dict[tuple[str, str], Recipe] = {
     ("features", "sift"): Recipe(SMALL),
@@ -156,6 +179,12 @@ RECIPES: dict[tuple[str, str], Recipe] = {
                                    {"tiny_roma_v1_outdoor.pth": _tiny_roma}),
     ("dense", "gim-dkm"): Recipe({"coarse_res": [64, 96], "upsample": False, "num_matches": 500},
                                  {"gim_dkm_100h.ckpt": _gim_dkm}),
+    ("dense", "loftr"): Recipe(LOFTR, {"loftr_outdoor.ckpt": _loftr(False)}),
+    ("dense", "loftr-indoor"): Recipe(LOFTR, {"loftr_indoor.ckpt": _loftr(False)}),
+    ("dense", "loftr-indoor-new"): Recipe(LOFTR, {"loftr_indoor_ds_new.ckpt": _loftr(True)}),
+    ("dense", "minima-loftr"): Recipe(LOFTR, {"minima_loftr.ckpt": _loftr(True)}),
+    ("dense", "gim-loftr"): Recipe(LOFTR, {"gim_loftr_50h.ckpt": _gim_loftr}),
+    ("dense", "imd"): Recipe(unavailable="no public code or weights"),
     ("global", "vlad"): Recipe({"num_clusters": 8}),
     ("global", "netvlad"): Recipe({"num_clusters": 8, "whiten_dim": 32, "resize_max": 128},
                                   {"Pitts30K_struct.mat": _netvlad_mat},
@@ -274,6 +303,10 @@ def test_every_registered_backend_builds_and_writes_valid_files(kind, name, imag
     if recipe is None:
         pytest.fail(f"no test recipe for the {kind} backend '{name}': add one to RECIPES in tests/test_registry.py "
                     "(random weights in the official layout, or preflight_only with the files it needs and why)")
+    if recipe.unavailable:
+        with pytest.raises(ConfigError, match=recipe.unavailable):
+            registry.resolve(kind, name)
+        return
     cls, _ = registry.resolve(kind, name)
     for variant, files in cls.weight_files.items():
         assert isinstance(files, tuple) and all(isinstance(f, WeightFile) for f in files), (variant, files)

@@ -126,9 +126,19 @@ def match_dense(
         match_quantised(model, dense_name, pairs, image_dir, features_path, matches_path, mask_dir=mask_dir,
                         **options.mode_settings(False))
     else:
+        require_warp(dense_name)
         check_anchors(features_path, anchor)
         match_anchored(model, dense_name, pairs, image_dir, features_path, matches_path, **options.mode_settings(True))
     return Path(matches_path)
+
+
+def require_warp(dense_name: str) -> None:
+    """Anchored mode maps keypoints through a dense warp; a backend that predicts matches only (LoFTR) is refused
+    before any work."""
+    cls, _ = registry.resolve("dense", dense_name)
+    if not cls.has_warp:
+        raise ConfigError(f"anchored mode needs a dense warp, but '{dense_name}' predicts matches, not a warp; use "
+                          f"--matcher {dense_name} alone (quantised keypoints)")
 
 
 def check_anchors(features_path: str | Path, anchor: str) -> None:
