@@ -41,7 +41,8 @@ from feature_backends.store import FeatureReader, list_feature_names, read_store
 from pairs.io import read_pairs
 
 from .calibration import refine_principal_points
-from .database import CameraMode, import_features, import_matches, verify_matches
+from .database import CameraMode, import_features, import_matches
+from .verifiers import VerifierSettings, verify
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,15 @@ class SfMOptions:
     #: RANSAC threshold of geometric verification, in pixels of the original images. None: 2 px at the
     #: resolution the keypoints were detected at (see `verification_error`), COLMAP's 4 px when that is unknown.
     verification_max_error: float | None = None
+    #: Geometric verification (recon.verifiers): "colmap" (COLMAP's LO-RANSAC over E, F and H; default), "magsac"
+    #: (OpenCV's USAC MAGSAC++) or "poselib" (PoseLib's LO-RANSAC). CLI: --verifier.
+    verifier: Literal["colmap", "magsac", "poselib"] = "colmap"
+    #: What "magsac" and "poselib" fit: "fundamental" (pixels, no intrinsics) or "essential" (the database's camera
+    #: priors). COLMAP's verifier fits all models and picks itself.
+    verifier_model: Literal["fundamental", "essential"] = "fundamental"
+    #: RANSAC confidence and iteration cap of every verifier (COLMAP's defaults).
+    verification_confidence: float = 0.999
+    verification_max_iterations: int = 10000
     #: After mapping: "auto" frees the principal point of shared cameras and keeps it where the views determine
     #: it (recon.calibration); "never" is COLMAP's fixed centre; "always" keeps every refined one.
     refine_principal_point: Literal["auto", "always", "never"] = "auto"
@@ -259,15 +269,16 @@ def _reconstruct(sfm_dir, image_dir, pairs_path, features_path, matches_path, op
     logger.info("Imported %d pairs with %d raw matches", len(pairs), num_matches)
 
     start = time.perf_counter()
-    verification = pycolmap.TwoViewGeometryOptions()
-    verification.ransac.max_error = (options.verification_max_error if options.verification_max_error is not None
-                                     else verification_error(features_path))
-    logger.info("Verification threshold %.2f px", verification.ransac.max_error)
-    verification.ransac.random_seed = options.random_seed
+    settings = VerifierSettings(
+        options.verifier, options.verifier_model,
+        options.verification_max_error if options.verification_max_error is not None
+        else verification_error(features_path),
+        options.verification_confidence, options.verification_max_iterations, random_seed=options.random_seed)
+    logger.info("Verification: %s, threshold %.2f px", settings.verifier, settings.max_error)
     # Pairs with fewer raw matches than a model needs inliers can never verify; COLMAP skips them after reading
     # them back, we do not hand them over at all (on temple_ring_full most of the 1081 pairs are such).
-    candidates = {pair: count for pair, count in match_counts.items() if count >= verification.min_num_inliers}
-    num_verified = verify_matches(database, candidates, sfm_dir, verification)
+    candidates = {pair: count for pair, count in match_counts.items() if count >= settings.min_num_inliers}
+    num_verified = verify(database, candidates, sfm_dir, settings)
     timings["verify"] = time.perf_counter() - start
     logger.info("Geometric verification: %d of %d pairs verified (%d with too few matches to try)",
                 num_verified, len(pairs), len(match_counts) - len(candidates))
