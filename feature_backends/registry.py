@@ -26,6 +26,7 @@ BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
         "aliked": "feature_backends.aliked:ALIKED",
         "gim-superpoint": "feature_backends.gim_lightglue:GIMSuperPoint",
         "loma": "feature_backends.loma:LoMaFeatures",
+        "omniglue": "feature_backends.omniglue:OmniGlueFeatures",
     },
     "matcher": {
         "mnn": "feature_backends.nearest_neighbor:MutualNearestNeighbor",
@@ -33,6 +34,7 @@ BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
         "lightglue": "feature_backends.lightglue:LightGlue",
         "gim-lightglue": "feature_backends.gim_lightglue:GIMLightGlue",
         "loma": "feature_backends.loma:LoMaMatcher",
+        "omniglue": "feature_backends.omniglue:OmniGlueMatcher",
     },
     "dense": {
         "roma": "feature_backends.roma:RoMa",

@@ -112,3 +112,49 @@ def nearest_position_matcher(path: Path, names=("kpts0", "kpts1", "desc0", "desc
     outs = [_io(outputs[0], T.INT64, [1, "N0"]), _io(outputs[1], T.FLOAT, [1, "N0"]),
             _io(outputs[2], T.INT64, [1, "N1"]), _io(outputs[3], T.FLOAT, [1, "N1"])]
     return _save(nodes, inputs, outs, constants, path)
+
+
+def bright_superpoint(path: Path, dim: int = 256) -> Path:
+    """sp_v6's contract: 'superpoint/image:0' (1,H,W,1) → 'superpoint/prob_nms:0' (1,H,W) = max(image - 0.5, 0)
+    and 'superpoint/descriptors:0' (1,H,W,dim) = image x [1, 2, ..., dim] / dim."""
+    helper, T = _onnx().helper, _onnx().TensorProto
+    n = helper.make_node
+    nodes = [n("Sub", ["superpoint/image:0", "half"], ["centred"]), n("Relu", ["centred"], ["relu"]),
+             n("Squeeze", ["relu", "axis_last"], ["superpoint/prob_nms:0"]),
+             n("Mul", ["superpoint/image:0", "ramp"], ["superpoint/descriptors:0"])]
+    constants = [_const("half", np.float32(0.5)), _const("axis_last", np.array([-1])),
+                 _const("ramp", (np.arange(1, dim + 1, dtype=np.float32) / dim))]
+    inputs = [_io("superpoint/image:0", T.FLOAT, [1, "H", "W", 1])]
+    outputs = [_io("superpoint/prob_nms:0", T.FLOAT, [1, "H", "W"]),
+               _io("superpoint/descriptors:0", T.FLOAT, [1, "H", "W", dim])]
+    return _save(nodes, inputs, outputs, constants, path)
+
+
+def nearest_position_omniglue(path: Path) -> Path:
+    """OmniGlue's contract: keypoints/descriptors/scores/descriptors_dino/width/height per image →
+    soft_assignment (1,N0+1,N1+1) = exp(-100 |k0/size0 - k1/size1|^2) (+ 0 x every descriptor product), dustbins 0."""
+    helper, T = _onnx().helper, _onnx().TensorProto
+    n = helper.make_node
+    nodes = []
+    for i in "01":
+        nodes += [n("Concat", [f"width{i}", f"height{i}"], [f"size{i}"], axis=0),
+                  n("Cast", [f"size{i}"], [f"size{i}_f"], to=T.FLOAT),
+                  n("Div", [f"keypoints{i}", f"size{i}_f"], [f"unit{i}"]),
+                  n("Concat", [f"descriptors{i}", f"descriptors{i}_dino", f"scores{i}"], [f"all{i}"], axis=2)]
+    nodes += [n("Unsqueeze", ["unit0", "axis2"], ["a"]), n("Unsqueeze", ["unit1", "axis1"], ["b"]),
+              n("Sub", ["a", "b"], ["diff"]), n("Mul", ["diff", "diff"], ["sq"]),
+              n("ReduceSum", ["sq", "axis_last"], ["dist2"], keepdims=0), n("Mul", ["dist2", "minus100"], ["logit"]),
+              n("Transpose", ["all1"], ["all1t"], perm=[0, 2, 1]), n("MatMul", ["all0", "all1t"], ["sim"]),
+              n("Mul", ["sim", "zero"], ["sim0"]), n("Add", ["logit", "sim0"], ["logits"]),
+              n("Exp", ["logits"], ["p"]), n("Pad", ["p", "pads"], ["soft_assignment"])]
+    constants = [_const("axis1", np.array([1])), _const("axis2", np.array([2])), _const("axis_last", np.array([-1])),
+                 _const("minus100", np.float32(-100)), _const("zero", np.float32(0)),
+                 _const("pads", np.array([0, 0, 0, 0, 1, 1]))]
+    inputs = []
+    for i in "01":
+        inputs += [_io(f"keypoints{i}", T.FLOAT, [1, f"N{i}", 2]), _io(f"descriptors{i}", T.FLOAT, [1, f"N{i}", 256]),
+                   _io(f"scores{i}", T.FLOAT, [1, f"N{i}", 1]),
+                   _io(f"descriptors{i}_dino", T.FLOAT, [1, f"N{i}", 768]),
+                   _io(f"width{i}", T.INT32, [1]), _io(f"height{i}", T.INT32, [1])]
+    outputs = [_io("soft_assignment", T.FLOAT, [1, "M0", "M1"])]
+    return _save(nodes, inputs, outputs, constants, path)
