@@ -148,6 +148,15 @@ def _magsac_essential(points0, points1, camera0, camera1, settings):
     return _geometry(pycolmap.TwoViewGeometryConfiguration.CALIBRATED, E=E, cam2_from_cam1=pose), inliers
 
 
+def _poselib():
+    try:
+        import poselib
+    except ImportError as error:
+        raise ConfigError(f"--verifier poselib needs PoseLib: pip install 'recon[verify]' (or poselib) ({error})") \
+            from error
+    return poselib
+
+
 def _poselib_ransac(settings: VerifierSettings) -> dict:
     return {"max_epipolar_error": settings.max_error, "success_prob": settings.confidence,
             "max_iterations": settings.max_iterations, "min_iterations": min(100, settings.max_iterations),
@@ -155,9 +164,7 @@ def _poselib_ransac(settings: VerifierSettings) -> dict:
 
 
 def _poselib_fundamental(points0, points1, camera0, camera1, settings):
-    import poselib
-
-    F, info = poselib.estimate_fundamental(points0, points1, _poselib_ransac(settings), {})
+    F, info = _poselib().estimate_fundamental(points0, points1, _poselib_ransac(settings), {})
     inliers = np.asarray(info.get("inliers", []), dtype=bool)
     if len(inliers) != len(points0):
         return None
@@ -170,9 +177,7 @@ def _poselib_camera(camera: pycolmap.Camera) -> dict:
 
 
 def _poselib_essential(points0, points1, camera0, camera1, settings):
-    import poselib
-
-    pose, info = poselib.estimate_relative_pose(points0, points1, _poselib_camera(camera0), _poselib_camera(camera1),
+    pose, info = _poselib().estimate_relative_pose(points0, points1, _poselib_camera(camera0), _poselib_camera(camera1),
                                                 _poselib_ransac(settings), {})
     inliers = np.asarray(info.get("inliers", []), dtype=bool)
     if len(inliers) != len(points0):
