@@ -25,12 +25,16 @@ BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
         "disk": "feature_backends.disk:DISK",
         "aliked": "feature_backends.aliked:ALIKED",
         "gim-superpoint": "feature_backends.gim_lightglue:GIMSuperPoint",
+        "loma": "feature_backends.loma:LoMaFeatures",
+        "omniglue": "feature_backends.omniglue:OmniGlueFeatures",
     },
     "matcher": {
         "mnn": "feature_backends.nearest_neighbor:MutualNearestNeighbor",
         "dual-softmax": "feature_backends.dual_softmax:DualSoftmax",
         "lightglue": "feature_backends.lightglue:LightGlue",
         "gim-lightglue": "feature_backends.gim_lightglue:GIMLightGlue",
+        "loma": "feature_backends.loma:LoMaMatcher",
+        "omniglue": "feature_backends.omniglue:OmniGlueMatcher",
     },
     "dense": {
         "roma": "feature_backends.roma:RoMa",

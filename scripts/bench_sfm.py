@@ -16,6 +16,12 @@ same assumption as recon's default `--camera-mode single`. `--colmap-camera-mode
     python scripts/bench_sfm.py --scenes temple_ring_full --methods colmap --settings default
     python scripts/bench_sfm.py --scenes fountain_p11 --settings max --max-size 1600 --markdown
 
+`--verifiers colmap magsac poselib` adds one recon row per geometric verifier (recon.verifiers; method
+"recon/<verifier>"), with the same features and matches settings; the "verified" column counts the pairs each
+verifier accepted (read from the run's COLMAP database).
+
+    python scripts/bench_sfm.py --scenes temple_ring --methods colmap --verifiers colmap magsac poselib
+
 A "max" row is skipped when every image of the scene is already within the size limit (it would repeat the
 default run). Results are also written to OUT/results.json.
 
@@ -135,15 +141,26 @@ def run_colmap(image_dir: Path, names: list[str], work: Path, max_size: int | No
     start = time.perf_counter()
     pycolmap.incremental_mapping(database, image_dir, models_root)
     times["map"] = time.perf_counter() - start
-    return largest_model(models_root), times, {}
+    return largest_model(models_root), times, {"verified_pairs": verified_pairs(database)}
 
 
-def run_recon(image_dir: Path, names: list[str], work: Path, max_size: int | None) -> tuple[Path | None, dict, dict]:
-    """`recon run` at its defaults, minus the exports (they come after the model and COLMAP has none)."""
+def verified_pairs(database: Path) -> int | None:
+    if not database.is_file():
+        return None
+    with pycolmap.Database.open(database) as db:
+        return db.num_verified_image_pairs()
+
+
+def run_recon(image_dir: Path, names: list[str], work: Path, max_size: int | None,
+              verifier: str = "colmap") -> tuple[Path | None, dict, dict]:
+    """`recon run` at its defaults (or with another geometric verifier), minus the exports (they come after the
+    model and COLMAP has none)."""
     from recon.pipeline import RunConfig, run  # imported lazily: the COLMAP half works without it
+    from recon.sfm import SfMOptions
 
     feature_conf = {} if max_size is None else {"resize_max": max_size}
-    result = run(image_dir, work, RunConfig(feature_conf=feature_conf, image_list=names, exports=()))
+    result = run(image_dir, work, RunConfig(feature_conf=feature_conf, image_list=names, exports=(),
+                                            sfm=SfMOptions(verifier=verifier)))
     timings, sfm_timings = result.timings, result.sfm.timings
     times = {
         "extract": timings.get("extract", 0.0),
@@ -154,7 +171,8 @@ def run_recon(image_dir: Path, names: list[str], work: Path, max_size: int | Non
         "map": sfm_timings.get("map", timings.get("sfm", 0.0)) + sfm_timings.get("calibrate", 0.0),
     }
     model_dir = Path(result.sfm.sparse_dir)
-    detail = {**timings, **{f"sfm.{key}": value for key, value in sfm_timings.items()}}
+    detail = {**timings, **{f"sfm.{key}": value for key, value in sfm_timings.items()},
+              "verified_pairs": verified_pairs(work / "sfm" / "database.db")}
     return (model_dir if model_dir.is_dir() else None), times, detail
 
 
@@ -208,8 +226,8 @@ def _summary(row: BenchRow) -> str:
 
 
 def table_rows(rows: list[BenchRow]) -> tuple[list[str], list[list[str]]]:
-    header = ["scene", "method", "setting", "registered", "points", "reproj px", "AUC@1", "AUC@3", "AUC@5",
-              "extract s", "match s", "map s", "total s", "recon/COLMAP"]
+    header = ["scene", "method", "setting", "verified", "registered", "points", "reproj px", "AUC@1", "AUC@3", "AUC@5",
+              "extract s", "match s", "map s", "total s", "recon/COLMAP", "verify s"]
     colmap_total = {(r.scene, r.setting): r.total for r in rows if r.method == "colmap" and r.result}
     body = []
     for row in rows:
@@ -228,7 +246,10 @@ def table_rows(rows: list[BenchRow]) -> tuple[list[str], list[list[str]]]:
         reference = colmap_total.get((row.scene, row.setting))
         if row.method != "colmap" and reference and row.times:
             ratio = f"{row.total / reference:.2f}"
-        body.append([row.scene, row.method, row.setting, *metrics, *times, total, ratio])
+        verified = row.detail.get("verified_pairs")
+        verify = row.detail.get("sfm.verify")  # recon's verification alone (inside "match s")
+        body.append([row.scene, row.method, row.setting, "-" if verified is None else str(verified), *metrics,
+                     *times, total, ratio, "-" if verify is None else f"{verify:.2f}"])
     return header, body
 
 
@@ -258,12 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (README-ready)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each pipeline N times, alternating; report medians and the range of the totals")
+    parser.add_argument("--verifiers", nargs="+", default=[], choices=["colmap", "magsac", "poselib"],
+                        help="add a recon row per geometric verifier (method 'recon/<verifier>')")
     parser.add_argument("--verbose", action="store_true", help="keep COLMAP's INFO log on stderr")
     args = parser.parse_args(argv)
 
     camera_mode = getattr(pycolmap.CameraMode, args.colmap_camera_mode.upper())
     runners = {"colmap": functools.partial(run_colmap, camera_mode=camera_mode), "recon": run_recon}
     runners = {name: runners[name] for name in args.methods}
+    runners.update({f"recon/{name}": functools.partial(run_recon, verifier=name) for name in args.verifiers})
     if not args.verbose:
         pycolmap.logging.minloglevel = 1  # COLMAP's per-image INFO lines would bury the table
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="bench_sfm_"))

@@ -130,6 +130,14 @@ def _gim_loftr():
     return {"state_dict": {f"model.{k}": v for k, v in gim_loftr_network(0.2).state_dict().items()}}
 
 
+def _onnx_graph(name: str):
+    def write(path: Path) -> None:
+        import onnx_graphs
+
+        getattr(onnx_graphs, name)(path)
+    return write
+
+
 def _netvlad_mat(path: Path) -> None:
     from test_retrieval import write_netvlad_mat
 
@@ -155,6 +163,8 @@ class Recipe:
 ROMA_NOT_BUILT = "DINOv2 ViT-L/14 (300M parameters) alone takes longer to build than this test's whole budget"
 DINOV2 = "dinov2_vitl14_pretrain.pth"
 LOFTR = {"resize_max": 128, "match_threshold": 0.0}
+LOMA_FEATURES = {"loma_detector.onnx": _onnx_graph("brightest_pixels_detector"),
+                 "loma_descriptor_dedode_g.onnx": _onnx_graph("colour_descriptor")}
 
 RECIPES: dict[tuple[str, str], Recipe] = {
     ("features", "sift"): Recipe(SMALL),
@@ -165,7 +175,16 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("features", "disk"): Recipe({**SMALL, "resize_max": 128}, {"depth-save.pth": _disk}),
     ("features", "aliked"): Recipe({**SMALL, "resize_max": 128}, {"aliked-n16.pth": _aliked}),
     ("features", "gim-superpoint"): Recipe({**SMALL, "resize_max": 128}, {"gim_lightglue_100h.ckpt": _gim_lightglue}),
+    ("features", "loma"): Recipe({"max_keypoints": 32, "resize_max": 128}, LOMA_FEATURES,
+                                 writes_file=frozenset(LOMA_FEATURES)),
+    ("features", "omniglue"): Recipe(preflight_only=("sp_v6.onnx", "dinov2_vitb14_pretrain.pth"),
+                                     why="DINOv2 ViT-B/14 random weights are 350 MB to write; tests/test_omniglue.py "
+                                         "runs it with a one-block ViT"),
     ("matcher", "mnn"): Recipe(features=("sift", SMALL)),
+    ("matcher", "loma"): Recipe({"min_score": 0.0}, {"loma_matcher_B.onnx": _onnx_graph("nearest_position_matcher")},
+                                writes_file=frozenset({"loma_matcher_B.onnx"}),
+                                features=("loma", {"max_keypoints": 32, "resize_max": 128})),
+    ("matcher", "omniglue"): Recipe(preflight_only=("omniglue.onnx",), why="needs the omniglue features above"),
     ("matcher", "dual-softmax"): Recipe({"threshold": 0.0}, features=("sift", SMALL)),
     ("matcher", "lightglue"): Recipe({"filter_threshold": 0.0},
                                      {"sift_lightglue.pth": lambda: _lightglue_state("sift")}, features=("sift", SMALL)),

@@ -31,7 +31,8 @@ from ..options import option, to_dict
 from .calibration import refine_principal_points
 from .database import CameraMode, import_features, import_matches
 from .mapping import model_stats, pipeline_options, run_mapper, write_models
-from .verification import verification_error, verify_matches
+from .verification import verification_error
+from .verifiers import VerifierSettings, verify
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,14 @@ class SfMOptions:
     verification_max_error: float | None = option(
         None, help="RANSAC threshold of geometric verification in original-image pixels (default: 2 px at the "
                    "detection resolution, COLMAP's 4 px when features.h5 does not record it)")
+    verifier: Literal["colmap", "magsac", "poselib"] = option(
+        "colmap", flags=("--verifier",),
+        help="geometric verification: COLMAP's LO-RANSAC (E, F and H), OpenCV's USAC MAGSAC++ or PoseLib "
+             "(recon.sfm.verifiers)")
+    verifier_model: Literal["fundamental", "essential"] = option(
+        "fundamental", help="magsac / poselib: fit F on pixels, or E with the database's camera priors")
+    verification_confidence: float = option(0.999, help="RANSAC confidence of every verifier")
+    verification_max_iterations: int = option(10000, help="RANSAC iteration cap of every verifier")
     refine_principal_point: Literal["auto", "always", "never"] = option(
         "auto", flags=("--refine-principal-point",),
         help="after mapping, free the principal point of shared cameras; 'auto' keeps it only where the BA "
@@ -67,6 +76,7 @@ class SfMOptions:
     def check(self, num_images: int = 100) -> None:
         """Every option valid, pycolmap's included: called before any stage runs."""
         pipeline_options(self.mapper, self.mapper_options, num_images, self.num_threads, self.random_seed)
+        verifier_settings(self).check()
         try:
             pycolmap.CameraModelId(pycolmap.CameraModelId.__members__[self.camera_model])
         except KeyError:
@@ -195,19 +205,25 @@ def _import_and_verify(inputs: SfMInputs, options: SfMOptions, database: Path, t
     logger.info("Imported %d pairs with %d raw matches", len(pairs), sum(match_counts.values()))
 
     start = time.perf_counter()
-    verification = pycolmap.TwoViewGeometryOptions()
-    verification.ransac.max_error = (options.verification_max_error if options.verification_max_error is not None
-                                     else verification_error(inputs.features))
-    logger.info("Verification threshold %.2f px", verification.ransac.max_error)
-    verification.ransac.random_seed = options.random_seed
+    settings = verifier_settings(options, inputs.features)
+    logger.info("Verification: %s, threshold %.2f px", settings.verifier, settings.max_error)
     # Pairs with fewer raw matches than a model needs inliers can never verify; COLMAP skips them after reading
     # them back, we do not hand them over at all (on temple_ring_full most of the 1081 pairs are such).
-    candidates = {pair: count for pair, count in match_counts.items() if count >= verification.min_num_inliers}
-    num_verified = verify_matches(database, candidates, inputs.work_dir, verification)
+    candidates = {pair: count for pair, count in match_counts.items() if count >= settings.min_num_inliers}
+    num_verified = verify(database, candidates, inputs.work_dir, settings)
     timings["verify"] = time.perf_counter() - start
     logger.info("Geometric verification: %d of %d pairs verified (%d with too few matches to try)",
                 num_verified, len(pairs), len(match_counts) - len(candidates))
     return {"images": len(image_ids), "verified": num_verified}
+
+
+def verifier_settings(options: SfMOptions, features_path: str | Path | None = None) -> VerifierSettings:
+    """The verifier and its RANSAC settings; the threshold defaults to recon's (`verification_error`)."""
+    max_error = options.verification_max_error
+    if max_error is None:
+        max_error = verification_error(features_path) if features_path is not None else 1.0
+    return VerifierSettings(options.verifier, options.verifier_model, max_error, options.verification_confidence,
+                            options.verification_max_iterations, random_seed=options.random_seed)
 
 
 def _reconstruct(inputs: SfMInputs, options: SfMOptions) -> SfMResult:
