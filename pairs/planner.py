@@ -204,41 +204,8 @@ def plan(
         seconds["sequential"] = time.perf_counter() - start
 
     if needs_retrieval:
-        if descriptors_path is None:
-            raise ConfigError("retrieval needs a path for the global descriptors (global-feats.h5)")
-        if options.method == "sequential":
-            loops = loop_frames(ordered, options.loop_every, options.per_folder) if options.loop_closure else []
-            queries, database = loops + unordered, names
-        else:
-            queries, database = options.query_list or names, options.database_list or names
-        start = time.perf_counter()
-        # Descriptors for the whole collection, not just the listed images: VLAD fits its codebook on the images
-        # it is given, and descriptors from different codebooks in one file would not be comparable.
-        extract_global_descriptors(image_dir, descriptors_path, options.retrieval, options.retrieval_conf, names,
-                                   device=device)
-        seconds["global_descriptors"] = time.perf_counter() - start
-        start = time.perf_counter()
-        stored, descriptors = read_global_descriptors(descriptors_path)
-        row = {name: i for i, name in enumerate(stored)}
-        queries = [name for name in queries if name in row]  # unreadable images were reported and skipped
-        database = [name for name in database if name in row]
-        query_desc = descriptors[[row[name] for name in queries]]
-        db_desc = descriptors[[row[name] for name in database]]
-        # A positioned query sees its spatial neighbours and every image without GPS (position unknown).
-        allowed = neighbours if positions else None
-        without_gps = [name for name in names if positions is not None and name not in positions]
-        scored = retrieve(queries, query_desc, database, db_desc, options.num_matched, options.min_similarity,
-                          allowed, without_gps)
-        capped = cap_per_image(scored, options.max_pairs_per_image)
-        source = "loop_closure" if options.method == "sequential" else "retrieval"
-        details[source] = {"queries": len(queries), "candidates": len(scored), "after_dedup_and_cap": len(capped),
-                           "backend": options.retrieval}
-        result.add(source, [(name0, name1) for name0, name1, _ in capped])
-        if options.method == "sequential" and len(set(map(_folder, ordered))) + bool(unordered) > 1:
-            between = _between_sequences(queries, query_desc, database, db_desc, options)
-            details["between_sequences"] = {"queries": len(queries), "candidates": len(between)}
-            result.add("between_sequences", [(name0, name1) for name0, name1, _ in between])
-        seconds["retrieval"] = time.perf_counter() - start
+        _add_retrieval(result, details, seconds, image_dir, names, ordered, unordered, options, descriptors_path,
+                       positions, neighbours if positions is not None else None, device)
 
     pairs_plan = PairPlan(options.method, names, result.pairs, result.sources, details, seconds)
     stats = pairs_plan.stats()
@@ -248,6 +215,47 @@ def plan(
         logger.warning("Pairs: %d images are in no pair, e.g. %s", stats["images_without_pairs"],
                        stats["images_without_pairs_examples"][:3])
     return pairs_plan
+
+
+def _add_retrieval(result: _Accumulator, details: dict, seconds: dict, image_dir, names: list[str],
+                   ordered: list[str], unordered: list[str], options: PairOptions, descriptors_path,
+                   positions, neighbours, device) -> None:
+    """Retrieval pairs (or, for sequences, loop closure and links between sequences) added to `result`."""
+    if descriptors_path is None:
+        raise ConfigError("retrieval needs a path for the global descriptors (global-feats.h5)")
+    if options.method == "sequential":
+        loops = loop_frames(ordered, options.loop_every, options.per_folder) if options.loop_closure else []
+        queries, database = loops + unordered, names
+    else:
+        queries, database = options.query_list or names, options.database_list or names
+    start = time.perf_counter()
+    # Descriptors for the whole collection, not just the listed images: VLAD fits its codebook on the images
+    # it is given, and descriptors from different codebooks in one file would not be comparable.
+    extract_global_descriptors(image_dir, descriptors_path, options.retrieval, options.retrieval_conf, names,
+                               device=device)
+    seconds["global_descriptors"] = time.perf_counter() - start
+    start = time.perf_counter()
+    stored, descriptors = read_global_descriptors(descriptors_path)
+    row = {name: i for i, name in enumerate(stored)}
+    queries = [name for name in queries if name in row]  # unreadable images were reported and skipped
+    database = [name for name in database if name in row]
+    query_desc = descriptors[[row[name] for name in queries]]
+    db_desc = descriptors[[row[name] for name in database]]
+    # A positioned query sees its spatial neighbours and every image without GPS (position unknown).
+    allowed = neighbours if positions else None
+    without_gps = [name for name in names if positions is not None and name not in positions]
+    scored = retrieve(queries, query_desc, database, db_desc, options.num_matched, options.min_similarity,
+                      allowed, without_gps)
+    capped = cap_per_image(scored, options.max_pairs_per_image)
+    source = "loop_closure" if options.method == "sequential" else "retrieval"
+    details[source] = {"queries": len(queries), "candidates": len(scored), "after_dedup_and_cap": len(capped),
+                       "backend": options.retrieval}
+    result.add(source, [(name0, name1) for name0, name1, _ in capped])
+    if options.method == "sequential" and len(set(map(_folder, ordered))) + bool(unordered) > 1:
+        between = _between_sequences(queries, query_desc, database, db_desc, options)
+        details["between_sequences"] = {"queries": len(queries), "candidates": len(between)}
+        result.add("between_sequences", [(name0, name1) for name0, name1, _ in between])
+    seconds["retrieval"] = time.perf_counter() - start
 
 
 def _folder(name: str) -> str:

@@ -1,4 +1,5 @@
-"""The MNN matcher against a plain numpy reference, and the checked backend configuration."""
+"""The match stage (recon.match): resume, unknown images in the pairs file; the MNN matcher against a plain numpy
+reference, and the checked backend configuration."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,10 @@ from feature_backends.base import Conf, merge_conf
 from feature_backends.errors import ConfigError
 from feature_backends.nearest_neighbor import MutualNearestNeighbor, mutual_nearest_neighbors
 from feature_backends.registry import get_backend, resolve
+from feature_backends.store import MatchReader
+from pairs.io import read_pairs, write_pairs
+from recon.cli import main
+from recon.match import match
 
 
 def reference_mnn(d0, d1, ratio, max_distance=None):
@@ -142,3 +147,41 @@ def test_match_stage_batches_by_first_image(tmp_path):
     # budget of 10 x 8 x 2 elements: i0's partners split after two
     assert list(_batches_by_first_image(pairs, cache, max_elements=160)) == [
         ("i0", ["i1", "i2"]), ("i0", ["i3"]), ("i1", ["i2", "i3"])]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_match_resumes_after_interruption(synthetic_scene, synthetic_run, tmp_path, monkeypatch):
+    from feature_backends.nearest_neighbor import MutualNearestNeighbor
+
+    out = synthetic_run.out_dir
+    matched = []
+    original = MutualNearestNeighbor.match_many
+    state = {"interrupt": True}
+
+    def counting(self, features0, others):
+        if state["interrupt"] and len(matched) + len(others) > 20:
+            raise Interrupt
+        matched.extend(others)
+        return original(self, features0, others)
+
+    monkeypatch.setattr(MutualNearestNeighbor, "match_many", counting)
+    with pytest.raises(Interrupt):
+        match("mnn", out / "pairs.txt", out / "features.h5", tmp_path / "m.h5")
+    written = len(matched)
+    assert 0 < written <= 20
+    state["interrupt"], matched[:] = False, []
+    match("mnn", out / "pairs.txt", out / "features.h5", tmp_path / "m.h5")
+    assert len(matched) == 66 - written  # only the missing pairs
+    with MatchReader(tmp_path / "m.h5") as again, MatchReader(out / "matches.h5") as reference:
+        for pair in read_pairs(out / "pairs.txt"):
+            np.testing.assert_array_equal(again.read(*pair)[0], reference.read(*pair)[0])
+
+
+def test_pairs_naming_unknown_image_is_a_clear_error(synthetic_scene, synthetic_run, tmp_path, capsys):
+    out = synthetic_run.out_dir
+    write_pairs(tmp_path / "pairs.txt", [("camera000001_frame000000.png", "nope.png")])
+    code = main(["match", str(tmp_path / "pairs.txt"), str(out / "features.h5"), str(tmp_path / "m.h5")])
+    assert code == 2 and "nope.png" in capsys.readouterr().err
