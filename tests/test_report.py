@@ -168,3 +168,25 @@ def test_sift_on_a_blank_frame_returns_empty_arrays():
 
     features = SIFT({}).extract(np.full((120, 160, 3), 128, np.uint8))
     assert features["keypoints"].shape == (0, 2) and features["descriptors"].shape == (128, 0)  # hloc: (D, N)
+
+
+def test_page_of_1000_views_stays_under_10_mb(split_run):
+    """The page at the caps: 1,000 views with worst-case thumbnails (random noise compresses worst), 100,000
+    points subsampled to max_points, max_edges pairs, 1,000 frusta."""
+    from recon.report import render
+    from recon.report.data import _subsample
+
+    _, _, out, _, _ = split_run
+    data = read_report_data(out / "report.html")
+    noise = next(view for view in data["views"] if view["name"] == "noise.png")
+    options, rng = ReportOptions(), np.random.default_rng(0)
+    data["views"] = [dict(noise, name=f"images/frame_{i:05d}.jpg") for i in range(1000)]
+    data["cameras"] = (data["cameras"] * 77)[:1000]
+    data["points"] = _subsample([(0, rng.normal(size=(100_000, 3)) * 10, rng.integers(0, 256, (100_000, 3)))],
+                                options.max_points, seed=0)
+    data["pairs"]["edges"] = [[int(i), int(j), int(k)] for i, j, k in
+                              zip(rng.integers(0, 1000, options.max_edges), rng.integers(0, 1000, options.max_edges),
+                                  rng.integers(15, 3000, options.max_edges))]
+    size = len(render(data, "1000 views").encode())
+    assert data["points"]["shown"] == options.max_points
+    assert size < 10_000_000, size

@@ -131,18 +131,19 @@ def read_models(model_dirs: list[Path], max_points: int, seed: int = 0) -> dict:
     track_lengths, point_errors, points, cameras, models = [], [], [], [], []
     for index, model_dir in enumerate(model_dirs):
         model = pycolmap.Reconstruction(model_dir)
-        ids = list(model.points3D.keys())
-        xyz = np.array([model.points3D[i].xyz for i in ids]).reshape(-1, 3)
-        rgb = np.array([model.points3D[i].color for i in ids]).reshape(-1, 3)
-        track_lengths += [model.points3D[i].track.length() for i in ids]
-        point_errors += [model.points3D[i].error for i in ids]
+        points3D = model.points3D  # one binding: each `model.points3D` access converts the whole map
+        xyz = np.array([p.xyz for p in points3D.values()]).reshape(-1, 3)
+        rgb = np.array([p.color for p in points3D.values()]).reshape(-1, 3)
+        track_lengths += [p.track.length() for p in points3D.values()]
+        point_errors += [p.error for p in points3D.values()]
         points.append((index, xyz, rgb))
+        images = model.images
         for image_id in model.reg_image_ids():
-            image = model.images[image_id]
-            views[image.name] = ModelView(index, image.num_points3D, _image_error(model, image))
+            image = images[image_id]
+            views[image.name] = ModelView(index, image.num_points3D, _image_error(points3D, image))
             cameras.append(_frustum(image, index))
         models.append({"index": index, "path": model_dir.as_posix(), "images": model.num_reg_images(),
-                       "points": len(ids)})
+                       "points": len(points3D)})
     scale = _frustum_scale(points, cameras)
     for camera in cameras:
         camera["corners"] = (np.array(camera["centre"]) + scale * np.array(camera["corners"])).round(4).tolist()
@@ -150,13 +151,13 @@ def read_models(model_dirs: list[Path], max_points: int, seed: int = 0) -> dict:
             "points": _subsample(points, max_points, seed), "cameras": cameras, "models": models}
 
 
-def _image_error(model: pycolmap.Reconstruction, image: pycolmap.Image) -> float:
+def _image_error(points3D, image: pycolmap.Image) -> float:
     """Mean reprojection error (px) of a registered view's observations."""
-    observed = [p for p in image.points2D if p.has_point3D()]
+    observed = image.get_observation_points2D()
     if not observed:
         return 0.0
     xy = np.array([p.xy for p in observed])
-    world = np.array([model.points3D[p.point3D_id].xyz for p in observed])
+    world = np.array([points3D[p.point3D_id].xyz for p in observed])
     pose = image.cam_from_world().matrix()
     cam = world @ pose[:, :3].T + pose[:, 3]
     projected = image.camera.img_from_cam(cam)
