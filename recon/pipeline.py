@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from feature_backends import registry
-from feature_backends.errors import ConfigError, InputError
+from feature_backends.errors import ConfigError, InputError, ReconError
 from feature_backends.images import list_images
 from feature_backends.store import list_feature_names
 from pairs.io import read_name_list
@@ -236,7 +236,12 @@ def _run(inputs, out_dir: Path, config: RunConfig, timed: _Timer) -> RunResult:
     extracted = set(list_feature_names(features_path)) if features_path.is_file() else set()
     skipped = [name for name in names if name not in extracted]
     sink.emit("items", stage="features", done=len(names) - len(skipped), total=len(names), skipped=len(skipped))
-    sfm = timed("sfm", reconstruct, out_dir, image_dir, pairs_path, features_path, matches_path, config.sfm)
+    try:
+        sfm = timed("sfm", reconstruct, out_dir, image_dir, pairs_path, features_path, matches_path, config.sfm)
+    except ReconError:  # no model at all: the report is what tells the user why, view by view
+        if config.write_report:
+            _write_report(timed, out_dir, config, image_dir)
+        raise
     sink.emit("items", stage="sfm", done=sfm.num_registered, total=len(names), models=sfm.num_models)
     export_options = config.export
     if export_options.mask_dir is None and config.extract.mask_dir is not None:
@@ -257,6 +262,17 @@ def _run(inputs, out_dir: Path, config: RunConfig, timed: _Timer) -> RunResult:
         record["frames"] = frames_record
     (out_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
     if config.write_report:  # last, so it reads the finished run.json; its own time is recorded in the page
-        report = timed("report", write_report, out_dir, config.report, image_dir)
-        result.exports["report"] = str(report)
+        report = _write_report(timed, out_dir, config, image_dir)
+        if report is not None:
+            result.exports["report"] = str(report)
     return result
+
+
+def _write_report(timed: _Timer, out_dir: Path, config: RunConfig, image_dir: Path) -> Path | None:
+    """The report, or a warning when it cannot be written: a finished reconstruction is never lost to it."""
+    try:
+        return timed("report", write_report, out_dir, config.report, image_dir)
+    except Exception as error:  # noqa: BLE001 (tests call write_report directly, where errors do raise)
+        logger.warning("report.html not written (%s: %s); `recon report %s` retries", type(error).__name__, error,
+                       out_dir)
+        return None

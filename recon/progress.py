@@ -3,14 +3,15 @@
 Events (every one has "event" and "time", seconds since the epoch):
     {"event": "run_start", "out_dir": ..., "num_images": N}
     {"event": "stage_start", "stage": "extract"}
-    {"event": "items", "stage": "extract", "done": 12, "total": 12}
+    {"event": "items", "stage": "features", "done": 12, "total": 12}
     {"event": "stage_end", "stage": "extract", "seconds": 3.2}
     {"event": "warning", "logger": "recon.…", "message": "..."}   (every WARNING logged during the run)
-    {"event": "run_end", "seconds": 41.0, "registered": 10, "num_images": 12}   or   {"event": "error", ...}
+    {"event": "run_end", "seconds": 41.0, "registered": 10, "num_images": 12}
+    {"event": "error", "type": "ReconError", "message": "..."}   (instead of run_end when the run fails)
 Lines are flushed as written, so a GUI or a scheduler can tail the file. While a sink is open its path is in
 $RECON_PROGRESS_JSON, so the SfM stage's fresh process (recon.sfm.process) appends its warnings to the same file
-(`ProgressSink.inherited()`; the parent writes nothing while it waits for the child). Item counts are reported where they are
-known for free (at a stage's end: images extracted, pairs planned/matched, views registered), not per item.
+(`ProgressSink.inherited()`; the parent writes nothing while it waits for the child). Item counts are reported where
+they are known for free (at a stage's end: images extracted, pairs planned/matched, views registered), not per item.
 """
 
 from __future__ import annotations

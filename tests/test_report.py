@@ -51,6 +51,8 @@ def test_each_view_has_its_true_reason(split_run):
     assert all(view["pairs"] == 14 for view in views.values())  # exhaustive over 15 views
     assert views["noise.png"]["verified"] == 0 and views["camera000001_frame000000.png"]["verified"] >= 5
     assert all(view["thumb"].startswith("data:image/jpeg;base64,") for view in views.values())
+    components = read_report_data(out / "report.html")["pairs"]["components"]
+    assert [c["size"] for c in components] == [8, 5]  # the verified pairs already split the scene
 
 
 def test_per_view_numbers_match_an_independent_reprojection(split_run):
@@ -150,7 +152,7 @@ def test_report_opens_in_headless_chromium(split_run, tmp_path):
     assert 'data-rendered="1"' in dom.stdout
     assert all(f'data-name="{name}"' in dom.stdout for name in reasons)
     shot = tmp_path / "shot.png"
-    subprocess.run([*flags, "--window-size=1200,2600", f"--screenshot={shot}", url],
+    subprocess.run([*flags, "--window-size=1200,3400", f"--screenshot={shot}", url],
                    capture_output=True, timeout=120, check=True)
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 20
@@ -190,3 +192,20 @@ def test_page_of_1000_views_stays_under_10_mb(split_run):
     size = len(render(data, "1000 views").encode())
     assert data["points"]["shown"] == options.max_points
     assert size < 10_000_000, size
+
+
+def test_failed_mapping_still_writes_the_report(tmp_path):
+    """No model at all (noise and a blank frame): the run fails, and the report says why for every view."""
+    from feature_backends.errors import ReconError
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(images / f"noise{i}.png")
+    Image.new("RGB", (160, 120), (0, 0, 0)).save(images / "black.png")
+    with pytest.raises(ReconError, match="mapping failed"):
+        run(images, tmp_path / "out")
+    views = _views(tmp_path / "out" / "report.html")
+    assert {name: view["reason"] for name, view in views.items()} == {
+        "black.png": "no_features", **{f"noise{i}.png": "no_verified_pair" for i in range(3)}}

@@ -26,7 +26,7 @@ from pathlib import Path
 from feature_backends.errors import InputError
 
 from ..options import option
-from .data import REASONS, Sources, histogram, read_keypoint_counts, read_models, read_pair_counts, \
+from .data import REASONS, Sources, components, histogram, read_keypoint_counts, read_models, read_pair_counts, \
     read_verified_pairs, thumbnail, view_reasons, _list_image_dir
 
 __all__ = ["ReportOptions", "REASONS", "collect", "write_report", "read_report_data"]
@@ -79,7 +79,8 @@ def collect(out_dir: str | Path, options: ReportOptions | None = None, image_dir
         "pairs": {"num_planned": num_pairs, "num_matched": len(raw), "num_verified": len(verified),
                   "edges": edges[:options.max_edges], "edges_total": len(edges),
                   "layout": "matrix" if len(names) <= options.matrix_max_views else "graph",
-                  "stats": _json_file(Path(out_dir) / "pairs-stats.json")},
+                  "stats": _json_file(Path(out_dir) / "pairs-stats.json"),
+                  "components": [{"size": len(c), "examples": c[:5]} for c in components(names, verified)]},
         "tracks": histogram(models["track_lengths"], bins=_integer_bins(models["track_lengths"])),
         "errors": histogram(models["point_errors"], bins=20),
         "models": models["models"], "points": models["points"], "cameras": models["cameras"],

@@ -260,3 +260,28 @@ def read_pair_counts(pairs: Path | None) -> tuple[Counter, int]:
         counts[name0] += 1
         counts[name1] += 1
     return counts, len(pair_list)
+
+
+def components(names: list[str], verified: dict[tuple[str, str], int]) -> list[list[str]]:
+    """Connected components of the verified-pair graph (views in no verified pair left out), largest first:
+    the groups the mapper could at best join; more than one means the scene splits before mapping."""
+    parent = {name: name for name in names}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for name0, name1 in verified:
+        if name0 in parent and name1 in parent:
+            parent[root(name0)] = root(name1)
+    groups: dict[str, list[str]] = {}
+    for name0, name1 in verified:
+        for name in (name0, name1):
+            if name in parent:
+                groups.setdefault(root(name), [])
+    for name in names:
+        if root(name) in groups:
+            groups[root(name)].append(name)
+    return sorted(groups.values(), key=len, reverse=True)

@@ -70,7 +70,9 @@
         ctx.fillStyle = heat(level(k));
         ctx.fillRect(j * cell, i * cell, cell, cell); ctx.fillRect(i * cell, j * cell, cell, cell);
       }
-      D.views.forEach((v, i) => { ctx.fillStyle = v.registered ? "#9c9" : "#e88"; ctx.fillRect(i * cell, i * cell, cell, cell); });
+      D.views.forEach((v, i) => {
+        ctx.fillStyle = v.registered ? "#9c9" : "#e88"; ctx.fillRect(i * cell, i * cell, cell, cell);
+      });
     } else { // views on a circle in name order, edges drawn faint to strong
       const c = size / 2, r = size / 2 - 10;
       const at = (i) => [c + r * Math.cos(2 * Math.PI * i / n), c + r * Math.sin(2 * Math.PI * i / n)];
@@ -79,10 +81,20 @@
         ctx.beginPath(); ctx.moveTo(...at(i)); ctx.lineTo(...at(j)); ctx.stroke();
       }
       ctx.globalAlpha = 1;
-      D.views.forEach((v, i) => { ctx.fillStyle = v.registered ? "#393" : "#c33"; ctx.fillRect(at(i)[0] - 2, at(i)[1] - 2, 4, 4); });
+      D.views.forEach((v, i) => {
+        ctx.fillStyle = v.registered ? "#393" : "#c33"; ctx.fillRect(at(i)[0] - 2, at(i)[1] - 2, 4, 4);
+      });
     }
-    const stats = D.pairs.stats ? el("pre", {}, JSON.stringify(D.pairs.stats.pairs_by_source || D.pairs.stats, null, 1)) : "";
-    section(`Verified pairs (${D.pairs.edges_total}${edges.length < D.pairs.edges_total ? `, strongest ${edges.length} drawn` : ""})`,
+    const stats = D.pairs.stats
+      ? el("pre", {}, JSON.stringify(D.pairs.stats.pairs_by_source || D.pairs.stats, null, 1)) : "not recorded";
+    const parts = D.pairs.components || [];
+    const split = el("p", {}, parts.length > 1
+      ? `The verified pairs form ${parts.length} separate groups (the scene splits before mapping): `
+        + parts.map((c) => `${c.size} views (${c.examples.slice(0, 2).join(", ")}${c.size > 2 ? ", …" : ""})`)
+          .join("; ")
+      : `The verified pairs connect ${parts.length ? parts[0].size : 0} views in one group.`);
+    const drawn = edges.length < D.pairs.edges_total ? `, strongest ${edges.length} drawn` : "";
+    section(`Verified pairs (${D.pairs.edges_total}${drawn})`, split,
       el("p", { class: "note" }, D.pairs.layout === "matrix"
         ? "Row/column = view in table order; colour = inliers (log scale); diagonal green = registered, red = not."
         : "Views on a circle in table order (green registered, red not); edge colour = inliers (log scale)."),
@@ -96,14 +108,20 @@
     const bw = (w - pad) / Math.max(counts.length, 1);
     counts.forEach((k, i) => {
       const bar = document.createElementNS(ns, "rect"), bh = (h - 10) * k / top;
-      bar.setAttribute("x", pad + i * bw); bar.setAttribute("y", h - bh); bar.setAttribute("width", Math.max(bw - 1, 1));
+      bar.setAttribute("x", pad + i * bw); bar.setAttribute("y", h - bh);
+      bar.setAttribute("width", Math.max(bw - 1, 1));
       bar.setAttribute("height", bh); bar.setAttribute("fill", "#4a7fb5");
       const tip = document.createElementNS(ns, "title");
       tip.textContent = `${hist.edges[i].toFixed(2)}–${hist.edges[i + 1].toFixed(2)}: ${k}`;
       bar.append(tip); svg.append(bar);
     });
-    const text = (x, y, s) => { const t = document.createElementNS(ns, "text"); t.setAttribute("x", x); t.setAttribute("y", y); t.textContent = s; svg.append(t); };
-    if (counts.length) { text(pad, h + 16, hist.edges[0].toFixed(1)); text(w - 40, h + 16, hist.edges[counts.length].toFixed(1)); }
+    const text = (x, y, s) => {
+      const t = document.createElementNS(ns, "text");
+      t.setAttribute("x", x); t.setAttribute("y", y); t.textContent = s; svg.append(t);
+    };
+    if (counts.length) {
+      text(pad, h + 16, hist.edges[0].toFixed(1)); text(w - 40, h + 16, hist.edges[counts.length].toFixed(1));
+    }
     text(0, 12, top);
     return el("figure", {}, svg, el("figcaption", {}, label));
   }
@@ -121,7 +139,8 @@
     for (let i = 0; i < n; i++) all.push([P.xyz[3 * i], P.xyz[3 * i + 1], P.xyz[3 * i + 2]]);
     for (const c of D.cameras) all.push(c.centre);
     const centre = [0, 1, 2].map((k) => all.length ? all.reduce((a, p) => a + p[k], 0) / all.length : 0);
-    const radius = Math.max(1e-6, ...all.map((p) => Math.hypot(p[0] - centre[0], p[1] - centre[1], p[2] - centre[2])));
+    const radius = Math.max(1e-6, ...all.map((p) => Math.hypot(p[0] - centre[0], p[1] - centre[1],
+      p[2] - centre[2])));
     let yaw = 0.6, pitch = -0.4, zoom = 1, colourBy = D.models.length > 1 ? "model" : "rgb";
     function project(p) { // orbit camera looking at the centre; COLMAP's y points down, so flip it
       const x = p[0] - centre[0], y = -(p[1] - centre[1]), z = p[2] - centre[2];
@@ -151,13 +170,17 @@
     window.addEventListener("mouseup", () => { drag = null; });
     window.addEventListener("mousemove", (e) => {
       if (!drag) return;
-      yaw += (e.clientX - drag[0]) * 0.01; pitch += (e.clientY - drag[1]) * 0.01; drag = [e.clientX, e.clientY]; draw();
+      yaw += (e.clientX - drag[0]) * 0.01; pitch += (e.clientY - drag[1]) * 0.01;
+      drag = [e.clientX, e.clientY]; draw();
     });
-    canvas.addEventListener("wheel", (e) => { e.preventDefault(); zoom *= e.deltaY < 0 ? 1.1 : 1 / 1.1; draw(); }, { passive: false });
+    canvas.addEventListener("wheel", (e) => {
+      e.preventDefault(); zoom *= e.deltaY < 0 ? 1.1 : 1 / 1.1; draw();
+    }, { passive: false });
     const toggle = el("button", { type: "button" }, "colour: by model / by RGB");
     toggle.addEventListener("click", () => { colourBy = colourBy === "model" ? "rgb" : "model"; draw(); });
     const legend = el("p", { class: "note" }, "Drag to orbit, wheel to zoom. ", ...D.models.map((m) =>
-      el("span", { style: `color:${PALETTE[m.index % PALETTE.length]}` }, ` ■ sparse/${m.index}: ${m.images} views, ${m.points} points `)));
+      el("span", { style: `color:${PALETTE[m.index % PALETTE.length]}` },
+        ` ■ sparse/${m.index}: ${m.images} views, ${m.points} points `)));
     section("Cameras and points", legend, toggle, el("br"), canvas);
     draw();
   }
@@ -165,9 +188,10 @@
   function runFacts() {
     const run = D.run || {};
     const skipped = (run.skipped || []).length ? el("p", {}, "skipped files: " + run.skipped.join(", ")) : "";
-    section("Run", el("p", { class: "note" }, `output ${D.out_dir}; images ${D.image_dir || "unknown"}; report written in ${D.seconds} s`),
-      skipped, el("h3", {}, "inputs read"), el("pre", {}, JSON.stringify(D.sources, null, 1)),
-      el("h3", {}, "configuration"), el("pre", {}, run.config ? JSON.stringify(run.config, null, 1) : "not recorded (no run.json)"));
+    const where = `output ${D.out_dir}; images ${D.image_dir || "unknown"}; report written in ${D.seconds} s`;
+    const config = run.config ? JSON.stringify(run.config, null, 1) : "not recorded (no run.json)";
+    section("Run", el("p", { class: "note" }, where), skipped, el("h3", {}, "inputs read"),
+      el("pre", {}, JSON.stringify(D.sources, null, 1)), el("h3", {}, "configuration"), el("pre", {}, config));
   }
 
   summary(); viewTable(); pairGraph(); histograms(); viewer3d(); runFacts();
