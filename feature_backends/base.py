@@ -224,6 +224,14 @@ def descriptor_family(record: Mapping[str, Any] | None) -> str | None:
     return cls.descriptor_family
 
 
+def _per_keypoint_rows(descriptors: np.ndarray, count: int) -> np.ndarray:
+    """(N, D) descriptors; with no keypoints (a blank frame) (0, D), which `reshape(0, -1)` cannot infer."""
+    if count or descriptors.size:
+        return descriptors.reshape(count, -1)
+    dims = [d for d in descriptors.shape if d]
+    return descriptors.reshape(0, dims[-1] if dims else 0)
+
+
 def _to_numpy(value: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().float().cpu().numpy()
@@ -330,7 +338,7 @@ class LocalFeatures(Backend):
         resized, scale = resize_image(image, self.conf.resize_max, self.conf.resize_force, self.size_multiple)
         pred = {key: _to_numpy(value) for key, value in self._extract_image(resized).items()}
         keypoints = pred["keypoints"].reshape(-1, 2)
-        descriptors = pred["descriptors"].reshape(len(keypoints), -1)
+        descriptors = _per_keypoint_rows(pred["descriptors"], len(keypoints))
         scores = pred["scores"].reshape(-1)
         # Further per-keypoint arrays (e.g. SIFT's scales and orientations) are kept and filtered alongside.
         extras = {k: v for k, v in pred.items() if k not in ("keypoints", "descriptors", "scores")}

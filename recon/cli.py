@@ -26,6 +26,7 @@ from .frames import FrameOptions
 from .match import MatchOptions
 from .options import add_options, build_options
 from .pipeline import RunConfig
+from .report import ReportOptions
 from .sfm import SfMOptions
 from .splat import SplatConfig
 
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     splat = _command(commands, "splat", "train Gaussian splats on OUT/undistorted (gsplat; CPU reference path "
                                         "without CUDA)", ("out", PATH))
     add_options(splat, SplatConfig)
+
+    report = _command(commands, "report", "write OUT/report.html for any output folder (recon's or hloc's files: "
+                                          "features.h5, pairs.txt, sfm/database.db, sparse/N)", ("out", PATH))
+    add_options(report, ReportOptions)
+    report.add_argument("--images", type=Path, help="image folder (default: the one the run recorded)")
 
     weights = commands.add_parser("weights", help="list or verify weight files")
     weights.add_argument("action", choices=["list", "check"])
@@ -184,6 +190,15 @@ def _command_splat(args) -> int:
     return 0
 
 
+def _command_report(args) -> int:
+    from .report import read_report_data, write_report
+
+    path = write_report(args.out, build_options(ReportOptions, args), args.images)
+    views = read_report_data(path)["views"]
+    print(f"{sum(v['registered'] for v in views)} / {len(views)} views registered → {path}")
+    return 0
+
+
 def _command_weights(args) -> int:
     from .weights_cli import check_weights, list_weights
 
@@ -193,7 +208,7 @@ def _command_weights(args) -> int:
 COMMANDS = {
     "run": _command_run, "frames": _command_frames, "pairs": _command_pairs, "extract": _command_extract, "match": _command_match,
     "sfm": _command_sfm, "export": _command_export, "eval": _command_eval, "weights": _command_weights,
-    "splat": _command_splat,
+    "splat": _command_splat, "report": _command_report,
 }
 
 

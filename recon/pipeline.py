@@ -14,7 +14,10 @@ Output layout (OUT/):
     frames/, frames.json (video input only),
     pairs.txt, pairs-stats.json, global-feats.h5 (retrieval only), features.h5, matches.h5,
     sfm/{database.db, colmap.log.*, sfm_inputs.json}, sparse/0 (+ text), points3D.ply, exports.json,
-    undistorted/{images, sparse/0, transforms.json, sparse_pc.ply}, run.json (config, timings, summary)
+    undistorted/{images, sparse/0, transforms.json, sparse_pc.ply}, run.json (config, timings, summary),
+    report.html (recon.report: why each view registered or not; `--no-report` skips it)
+With `--progress-json FILE` the run writes JSON-lines events (stage start/end, item counts, warnings) to FILE
+(recon.progress).
 Every stage resumes from what its output already holds, so re-running a killed run finishes it.
 """
 
@@ -27,8 +30,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from feature_backends import registry
-from feature_backends.errors import ConfigError, InputError
+from feature_backends.errors import ConfigError, InputError, ReconError
 from feature_backends.images import list_images
+from feature_backends.store import list_feature_names
 from pairs.io import read_name_list
 from pairs.planner import PairOptions
 
@@ -39,6 +43,8 @@ from .frames import FRAMES_RECORD, FrameOptions, frame_names, has_video, sequenc
 from .match import MatchOptions, match
 from .options import option, to_dict
 from .pairs import plan_pairs
+from .progress import ProgressSink
+from .report import ReportOptions, write_report
 from .sfm import SfMOptions, SfMResult, reconstruct
 from .splat import SplatConfig
 
@@ -56,6 +62,10 @@ class RunConfig:
     export: ExportOptions = field(default_factory=ExportOptions)
     train_splats: bool = option(False, flags=("--splat",), help="train Gaussian splats after SfM (recon splat)")
     splat: SplatConfig = field(default_factory=SplatConfig)
+    write_report: bool = option(True, flags=("--report",), help="write OUT/report.html at the end (recon report)")
+    report: ReportOptions = field(default_factory=ReportOptions)
+    progress_json: Path | None = option(None, flags=("--progress-json",), metavar="FILE",
+                                        help="write JSON-lines progress events to FILE (recon.progress)")
     device: str | None = option(None, flags=("--device",), help="cpu, cuda, cuda:1 … (default: CUDA when present)")
     image_list: list[str] | None = option(None, flags=("--image-list",), metavar="FILE",
                                           argparse={"type": read_name_list},
@@ -155,10 +165,19 @@ class RunResult:
 
 
 class _Timer(dict):
+    """Times each stage and tells the progress sink when it starts and ends."""
+
+    def __init__(self, sink: ProgressSink | None = None):
+        super().__init__()
+        self.sink = sink or ProgressSink(None)
+
     def __call__(self, stage: str, function, *args, **kwargs):
+        self.sink.emit("stage_start", stage=stage)
         start = time.perf_counter()
         result = function(*args, **kwargs)
-        self[stage] = self.get(stage, 0.0) + time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self[stage] = self.get(stage, 0.0) + seconds
+        self.sink.emit("stage_end", stage=stage, seconds=round(seconds, 3))
         return result
 
 
@@ -187,14 +206,24 @@ def _inputs(inputs: str | Path | list[str | Path], out_dir: Path, config: RunCon
 def run(inputs: str | Path | list[str | Path], out_dir: str | Path, config: RunConfig | None = None) -> RunResult:
     """`inputs`: an image folder, or videos / a folder with videos (see the module docstring)."""
     config = config or RunConfig()
-    out_dir = Path(out_dir)
-    timed = _Timer()
+    with ProgressSink(config.progress_json) as sink:
+        start = time.perf_counter()
+        result = _run(inputs, Path(out_dir), config, _Timer(sink))
+        sink.emit("run_end", seconds=round(time.perf_counter() - start, 3), num_images=result.num_images,
+                  registered=result.sfm.num_registered, models=result.sfm.num_models)
+    return result
+
+
+def _run(inputs, out_dir: Path, config: RunConfig, timed: _Timer) -> RunResult:
+    sink = timed.sink
     image_dir, names, config, frames_record = _inputs(inputs, out_dir, config, timed)
+    sink.emit("run_start", out_dir=str(out_dir), image_dir=str(image_dir), num_images=len(names))
     out_dir.mkdir(parents=True, exist_ok=True)
     features_path, matches_path = out_dir / "features.h5", out_dir / "matches.h5"
 
     pairs_plan = timed("pairs", plan_pairs, image_dir, out_dir / "pairs.txt", config.pairs, names, config.device)
     pairs_path = out_dir / "pairs.txt"
+    sink.emit("items", stage="pairs", done=len(pairs_plan.pairs), total=len(pairs_plan.pairs))
     anchor, _ = parse_matcher_name(config.match.matcher) if config.dense_mode else (None, None)
     if not config.dense_mode or anchor is not None:
         timed("extract", extract, config.extract_options(), image_dir, features_path, names, config.device)
@@ -203,7 +232,17 @@ def run(inputs: str | Path | list[str | Path], out_dir: str | Path, config: RunC
               matches_path, config.dense, config.device, mask_dir=config.extract.mask_dir)
     else:
         timed("match", match, config.match, pairs_path, features_path, matches_path, config.device)
-    sfm = timed("sfm", reconstruct, out_dir, image_dir, pairs_path, features_path, matches_path, config.sfm)
+    sink.emit("items", stage="match", done=len(pairs_plan.pairs), total=len(pairs_plan.pairs))
+    extracted = set(list_feature_names(features_path)) if features_path.is_file() else set()
+    skipped = [name for name in names if name not in extracted]
+    sink.emit("items", stage="features", done=len(names) - len(skipped), total=len(names), skipped=len(skipped))
+    try:
+        sfm = timed("sfm", reconstruct, out_dir, image_dir, pairs_path, features_path, matches_path, config.sfm)
+    except ReconError:  # no model at all: the report is what tells the user why, view by view
+        if config.write_report:
+            _write_report(timed, out_dir, config, image_dir)
+        raise
+    sink.emit("items", stage="sfm", done=sfm.num_registered, total=len(names), models=sfm.num_models)
     export_options = config.export
     if export_options.mask_dir is None and config.extract.mask_dir is not None:
         export_options = replace(export_options, mask_dir=config.extract.mask_dir)
@@ -217,8 +256,23 @@ def run(inputs: str | Path | list[str | Path], out_dir: str | Path, config: RunC
     result = RunResult(out_dir, len(names), pairs_plan.method, len(pairs_plan.pairs), sfm, dict(timed),
                        {fmt: str(path) for fmt, path in written.items()})
     record = {"image_dir": str(image_dir.resolve()), "config": to_dict(config), "result": sfm.to_dict(),
-              "timings": dict(timed), "pairs_method": pairs_plan.method, "num_pairs": len(pairs_plan.pairs)}
+              "timings": dict(timed), "pairs_method": pairs_plan.method, "num_pairs": len(pairs_plan.pairs),
+              "skipped": skipped}
     if frames_record is not None:
         record["frames"] = frames_record
     (out_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
+    if config.write_report:  # last, so it reads the finished run.json; its own time is recorded in the page
+        report = _write_report(timed, out_dir, config, image_dir)
+        if report is not None:
+            result.exports["report"] = str(report)
     return result
+
+
+def _write_report(timed: _Timer, out_dir: Path, config: RunConfig, image_dir: Path) -> Path | None:
+    """The report, or a warning when it cannot be written: a finished reconstruction is never lost to it."""
+    try:
+        return timed("report", write_report, out_dir, config.report, image_dir)
+    except Exception as error:  # noqa: BLE001 (tests call write_report directly, where errors do raise)
+        logger.warning("report.html not written (%s: %s); `recon report %s` retries", type(error).__name__, error,
+                       out_dir)
+        return None

@@ -68,6 +68,36 @@ def make_scene(out_dir: str | Path, spec: SceneSpec = SceneSpec()) -> Path:
 # occlusion, so the exact correspondence of every pixel of one frame in another frame (or its occlusion) is known.
 
 
+def make_split_scene(out_dir: str | Path) -> tuple[Path, dict[str, str]]:
+    """A folder where some views cannot join the main model, with each view's true reason (recon.report codes).
+
+    `out_dir/images/`: 8 frames of `make_scene` (the main model), 5 frames of another generated scene mirrored
+    left-right in `b/` (SIFT descriptors are not mirror-invariant, so they match only each other: a separate
+    model when the mapper keeps 5-view models, `--mapper-option min_model_size=3`), a uniform grey frame (no
+    keypoints) and a small random-noise frame (keypoints, but nothing it could verify against).
+    """
+    from PIL import Image, ImageOps
+
+    out_dir = Path(out_dir)
+    make_scene(out_dir / "a", SceneSpec(num_frames=8))
+    make_scene(out_dir / "b", SceneSpec(num_frames=5, seed=1))
+    image_dir = out_dir / "images"
+    (image_dir / "b").mkdir(parents=True, exist_ok=True)
+    reasons = {}
+    for path in sorted((out_dir / "a" / "images").iterdir()):
+        Image.open(path).save(image_dir / path.name)
+        reasons[path.name] = "registered"
+    for path in sorted((out_dir / "b" / "images").iterdir()):
+        ImageOps.mirror(Image.open(path)).save(image_dir / "b" / path.name)
+        reasons[f"b/{path.name}"] = "smaller_model"
+    Image.new("RGB", (640, 480), (128, 128, 128)).save(image_dir / "blank.png")
+    reasons["blank.png"] = "no_features"
+    noise = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(image_dir / "noise.png")
+    reasons["noise.png"] = "no_verified_pair"
+    return image_dir, reasons
+
+
 @dataclass(frozen=True, kw_only=True)
 class PlaneSceneSpec:
     num_frames: int = 12

@@ -68,14 +68,16 @@ def reconstruct_in_fresh_process(inputs, options, stamp: dict):
 
 def child_main(request_path: str, reply_path: str) -> None:
     from . import SfMInputs, SfMOptions, reconstruct_here
+    from ..progress import ProgressSink
 
     request = json.loads(Path(request_path).read_text())
     logging.basicConfig(level=request["log_level"], format=request["log_format"] or logging.BASIC_FORMAT,
                         datefmt=request["log_datefmt"])
     pycolmap.logging.alsologtostderr = request["colmap_to_stderr"]
     try:
-        result = reconstruct_here(SfMInputs.from_dict(request["inputs"]), SfMOptions(**request["options"]),
-                                  request["stamp"])
+        with ProgressSink.inherited():  # the child's warnings reach `recon run --progress-json` too
+            result = reconstruct_here(SfMInputs.from_dict(request["inputs"]), SfMOptions(**request["options"]),
+                                      request["stamp"])
     except ReconError as error:
         reply = {"error": {"type": type(error).__name__, "message": str(error)}}
     else:
