@@ -204,7 +204,7 @@ def run(inputs: str | Path | list[str | Path], out_dir: str | Path, config: RunC
               executor=config.executor)
     if config.dense_mode:
         timed("match", match_dense, config.match.backend_conf(), pairs_path, image_dir, features_path,
-              matches_path, config.dense, config.device, mask_dir=config.extract.mask_dir)
+              matches_path, config.dense, config.device, mask_dir=config.extract.mask_dir, executor=config.executor)
     else:
         timed("match", match, config.match, pairs_path, features_path, matches_path, config.device,
               executor=config.executor)

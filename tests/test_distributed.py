@@ -19,6 +19,7 @@ from recon import executor as executor_module  # noqa: E402
 from recon.executor import ExecutorOptions  # noqa: E402
 from recon.extract import ExtractOptions, extract  # noqa: E402
 from recon.match import MatchOptions, match  # noqa: E402
+from test_dense import crops  # noqa: E402,F401  (fixture)
 
 SIFT = ExtractOptions(features="sift", max_keypoints=512)
 MNN = MatchOptions(matcher="mnn")
@@ -46,6 +47,9 @@ def assert_same(path: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
+    # Workers import the dense oracles of tests/test_dense.py by module path, as users' external backends.
+    tests_dir = str(Path(__file__).parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -122,3 +126,21 @@ def test_killed_driver_resumes_from_the_published_file(cluster, local, tmp_path)
     assert 2 <= published < 12  # killed after 3 tasks of 2 images: some published, not all
     extract(SIFT, images, features, executor=ray_options(cluster))
     assert_same(features, reference / "features.h5")
+
+
+def test_dense_quantised_on_ray_equals_local(cluster, crops, tmp_path):
+    """The dense stage's network pass sharded by first image (a→b,c and b→c on two workers) writes the local
+    run's keypoints and matches: the oracle's sampling is seeded per pair."""
+    from test_dense import TranslationOracle
+
+    from recon.dense import match_dense
+
+    image_dir, pairs, _, table = crops
+    conf = {"name": f"{TranslationOracle.__module__}:TranslationOracle", "offsets": table}
+    match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    match_dense(conf, pairs, image_dir, tmp_path / "rf.h5", tmp_path / "rm.h5", executor=ray_options(cluster))
+    assert_same(tmp_path / "rf.h5", tmp_path / "f.h5")
+    assert_same(tmp_path / "rm.h5", tmp_path / "m.h5")
+    with h5py.File(tmp_path / "m.h5") as file:
+        assert sum(len(group) for group in file.values()) == 3
+        assert min((group["matches0"][()] >= 0).sum() for pair in file.values() for group in pair.values()) > 300
