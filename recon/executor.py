@@ -28,8 +28,9 @@ from .options import option
 
 logger = logging.getLogger(__name__)
 
-#: Called as hook(pool, results_so_far) after every result of a Ray pool; a seam for fault-injection tests.
-result_hooks: list[Callable[[Any, int], None]] = []
+#: Called as hook(pool, results_so_far, result) after every result of a Ray pool: a seam for fault-injection
+#: tests and the benchmark's timings.
+result_hooks: list[Callable[[Any, int, Any], None]] = []
 
 
 @dataclass
@@ -161,7 +162,7 @@ class RayPool:
             result = self.ray.get(ready[0])
             done_count += 1
             for hook in result_hooks:
-                hook(self, done_count)
+                hook(self, done_count, result)
             yield result
 
     def pids(self) -> list[int]:

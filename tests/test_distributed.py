@@ -86,7 +86,7 @@ def test_killed_worker_is_retried_and_output_unchanged(cluster, local, tmp_path,
     images, reference = local
     seen = {}
 
-    def kill_one_worker(pool, done):
+    def kill_one_worker(pool, done, result):
         if done == 1:
             seen["killed"] = pool.pids()[0]
             os.kill(seen["killed"], signal.SIGKILL)
@@ -107,7 +107,7 @@ from recon import executor
 from recon.executor import ExecutorOptions
 
 stage.FeatureWriter = functools.partial(FeatureWriter, checkpoint_seconds=0.0)  # publish after every image
-executor.result_hooks.append(lambda pool, done: done == 3 and os.kill(os.getpid(), signal.SIGKILL))
+executor.result_hooks.append(lambda pool, done, result: done == 3 and os.kill(os.getpid(), signal.SIGKILL))
 options = ExecutorOptions(executor="ray", workers=2, ray_address=sys.argv[3], images_per_task=2)
 stage.extract(stage.ExtractOptions(features="sift", max_keypoints=512), sys.argv[1], sys.argv[2],
               executor=options)
@@ -143,4 +143,4 @@ def test_dense_quantised_on_ray_equals_local(cluster, crops, tmp_path):
     assert_same(tmp_path / "rm.h5", tmp_path / "m.h5")
     with h5py.File(tmp_path / "m.h5") as file:
         assert sum(len(group) for group in file.values()) == 3
-        assert min((group["matches0"][()] >= 0).sum() for pair in file.values() for group in pair.values()) > 300
+        assert min((group["matches0"][()] >= 0).sum() for pair in file.values() for group in pair.values()) > 150
