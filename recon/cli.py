@@ -20,6 +20,7 @@ from pathlib import Path
 from feature_backends.errors import ReconError
 from pairs.planner import PairOptions
 
+from .executor import ExecutorOptions
 from .export import ExportOptions
 from .extract import ExtractOptions
 from .frames import FrameOptions
@@ -72,11 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     extract = _command(commands, "extract", "write features.h5 (hloc layout)", ("images", PATH), ("output", PATH))
     add_options(extract, ExtractOptions)
+    add_options(extract, ExecutorOptions)
     extract.add_argument("--device", default=None)
 
     match = _command(commands, "match", "write matches.h5 (hloc layout)",
                      ("pairs", PATH), ("features", PATH), ("output", PATH))
     add_options(match, MatchOptions)
+    add_options(match, ExecutorOptions)
     match.add_argument("--device", default=None)
 
     sfm = _command(commands, "sfm", "COLMAP database, verification and mapping → OUT/sparse/0",
@@ -135,7 +138,8 @@ def _command_pairs(args) -> int:
 def _command_extract(args) -> int:
     from .extract import extract
 
-    extract(build_options(ExtractOptions, args), args.images, args.output, device=args.device)
+    extract(build_options(ExtractOptions, args), args.images, args.output, device=args.device,
+            executor=build_options(ExecutorOptions, args))
     print(f"features → {args.output}")
     return 0
 
@@ -148,7 +152,8 @@ def _command_match(args) -> int:
     if is_dense_matcher(options.matcher):
         raise ReconError(f"'{options.matcher}' is a dense matcher: it writes keypoints too; run it with "
                          "`recon run … --matcher NAME`")
-    match(options, args.pairs, args.features, args.output, device=args.device)
+    match(options, args.pairs, args.features, args.output, device=args.device,
+          executor=build_options(ExecutorOptions, args))
     print(f"matches → {args.output}")
     return 0
 

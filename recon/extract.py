@@ -13,7 +13,7 @@ all of its keypoints (as COLMAP does). The dense stage samples no match on a mas
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from feature_backends.errors import ImageReadError, InputError
 from feature_backends.images import iter_images, list_images
 from feature_backends.store import FeatureWriter
 
+from .executor import ExecutorOptions, run_tasks
 from .options import option
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,33 @@ def drop_masked(features: dict[str, np.ndarray], mask: np.ndarray | None) -> dic
     return out
 
 
+class ExtractWorker:
+    """One model, loaded once; called with a few image names, returns (name, features | error text, uncertainty)
+    for each. The same code runs in this process and in a Ray actor (recon.executor)."""
+
+    def __init__(self, backend_conf: Mapping[str, Any], device: Any, image_dir: str | Path,
+                 mask_dir: str | Path | None):
+        name, conf = registry.split_conf(backend_conf)
+        self.model = registry.get_backend("features", name, conf, device=device)
+        self.image_dir, self.mask_dir = Path(image_dir), mask_dir
+
+    def __call__(self, names: Sequence[str]) -> list[tuple[str, dict[str, np.ndarray] | str, float | None]]:
+        grayscale = self.model.conf.grayscale
+        return [self.one(name, image) for name, image in iter_images(self.image_dir, names, grayscale, prefetch=1)]
+
+    def one(self, name: str, image: np.ndarray | ImageReadError):
+        if isinstance(image, ImageReadError):
+            return name, str(image), None
+        height, width = image.shape[:2]
+        features = drop_masked(self.model.extract(image), load_mask(self.mask_dir, name, (width, height)))
+        return name, features, self.model.keypoint_uncertainty(width, height)
+
+
+def _chunks(names: Sequence[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(names), size):
+        yield list(names[start:start + size])
+
+
 def extract(
     options: ExtractOptions | Mapping[str, Any] | str,
     image_dir: str | Path,
@@ -112,35 +140,43 @@ def extract(
     device: Any = None,
     as_half: bool | None = None,
     mask_dir: str | Path | None = None,
+    executor: ExecutorOptions | None = None,
 ) -> Path:
+    """Write features.h5 for every image not in it yet. `executor`: where the model runs (recon.executor); with
+    Ray, images are sharded over workers and the results written here, by the one writer."""
     if isinstance(options, ExtractOptions):
         as_half = options.as_half if as_half is None else as_half
         mask_dir = options.mask_dir if mask_dir is None else mask_dir
         options = options.backend_conf()
     if mask_dir is not None and not Path(mask_dir).is_dir():
         raise InputError(f"mask folder '{mask_dir}' does not exist")
+    distributed = executor is not None and executor.executor != "local"
     name, backend_conf = registry.split_conf(options)
-    model = registry.get_backend("features", name, backend_conf, device=device)
+    # The driver's own model only records the configuration when workers elsewhere do the work: keep it on CPU.
+    worker = ExtractWorker(options, "cpu" if distributed else device, image_dir, mask_dir)
     names = list_images(image_dir, image_list)
-    logger.info("Extracting %s features: %s", name, model.conf.to_dict())
-    record = {"backend": name, "conf": model.conf.to_dict()}
+    logger.info("Extracting %s features: %s", name, worker.model.conf.to_dict())
+    record = {"backend": name, "conf": worker.model.conf.to_dict()}
     if mask_dir is not None:
         record["masks"] = str(Path(mask_dir).resolve())
     with FeatureWriter(export_path, conf=record, as_half=bool(as_half)) as writer:
         todo = [n for n in names if n not in writer.names]
         if len(todo) < len(names):
             logger.info("Resuming: %d of %d images already in %s", len(names) - len(todo), len(names), export_path)
+        if distributed:
+            chunks = run_tasks(executor, ExtractWorker, (options, device, image_dir, mask_dir),
+                               _chunks(todo, executor.images_per_task))
+            results = (item for chunk in chunks for item in chunk)
+        else:
+            images = iter_images(image_dir, todo, grayscale=worker.model.conf.grayscale)
+            results = (worker.one(image_name, image) for image_name, image in images)
         skipped = []
-        progress = tqdm(iter_images(image_dir, todo, grayscale=model.conf.grayscale), total=len(todo),
-                        desc=f"extract {name}", unit="img")
-        for image_name, image in progress:
-            if isinstance(image, ImageReadError):
-                logger.warning("Skipping %s: %s", image_name, image)
+        for image_name, features, uncertainty in tqdm(results, total=len(todo), desc=f"extract {name}", unit="img"):
+            if isinstance(features, str):
+                logger.warning("Skipping %s: %s", image_name, features)
                 skipped.append(image_name)
                 continue
-            height, width = image.shape[:2]
-            features = drop_masked(model.extract(image), load_mask(mask_dir, image_name, (width, height)))
-            writer.write(image_name, features, uncertainty=model.keypoint_uncertainty(width, height))
+            writer.write(image_name, features, uncertainty=uncertainty)
     if skipped:
         logger.warning("%d unreadable images were skipped: %s", len(skipped), ", ".join(skipped[:10]))
     return Path(export_path)

@@ -22,6 +22,7 @@ from feature_backends.store import FeatureReader, MatchWriter, read_stored_conf
 from pairs.io import check_names, read_pairs
 
 from .cache import ByteBudgetCache
+from .executor import ExecutorOptions, run_tasks
 from .options import option
 
 logger = logging.getLogger(__name__)
@@ -46,33 +47,55 @@ class MatchOptions:
         return {"name": self.matcher, **conf}
 
 
+class MatchWorker:
+    """One matcher, loaded once; called with (name0, features0, [(name1, features1), ...]), returns
+    (name0, [(name1, result), ...]). The same code runs in this process and in a Ray actor (recon.executor)."""
+
+    def __init__(self, name: str, conf: Mapping[str, Any], device: Any):
+        self.model = registry.get_backend("matcher", name, conf, device=device)
+
+    def __call__(self, task):
+        name0, features0, others = task
+        results = self.model.match_many(features0, [features1 for _, features1 in others])
+        return name0, [(name1, result) for (name1, _), result in zip(others, results)]
+
+
 def match(
     options: MatchOptions | Mapping[str, Any] | str,
     pairs_path: str | Path,
     features_path: str | Path,
     matches_path: str | Path,
     device: Any = None,
+    executor: ExecutorOptions | None = None,
 ) -> Path:
+    """Write matches.h5 for every pair not in it yet. `executor`: where the matcher runs (recon.executor); with Ray,
+    the groups of pairs sharing a first image are sharded over workers, which get the features from here (no
+    shared file system needed) and return the matches, written here by the one writer."""
     if isinstance(options, MatchOptions):
         options = options.backend_conf()
+    distributed = executor is not None and executor.executor != "local"
     name, backend_conf = registry.split_conf(options)
     pairs = read_pairs(pairs_path)
     matcher_class, _ = registry.resolve("matcher", name)
     implied = matcher_class.conf_for_features(read_stored_conf(features_path))
-    model = registry.get_backend("matcher", name, {**implied, **backend_conf}, device=device)
-    logger.info("Matching %d pairs with %s: %s", len(pairs), name, model.conf.to_dict())
-    record = {"backend": name, "conf": model.conf.to_dict()}
+    conf = {**implied, **backend_conf}
+    worker = MatchWorker(name, conf, "cpu" if distributed else device)
+    logger.info("Matching %d pairs with %s: %s", len(pairs), name, worker.model.conf.to_dict())
+    record = {"backend": name, "conf": worker.model.conf.to_dict()}
     with FeatureReader(features_path) as reader:
         check_names(pairs, reader.names(), f"pairs file '{pairs_path}'")
         cache = ByteBudgetCache(reader.read, max_bytes=1 << 30)  # pairs revisit the same images
         with MatchWriter(matches_path, conf=record) as writer:
             todo = pending_pairs(writer, pairs, matches_path)
+            tasks = ((name0, cache[name0], [(name1, cache[name1]) for name1 in partners])
+                     for name0, partners in _batches_by_first_image(todo, cache))
+            results = run_tasks(executor, MatchWorker, (name, conf, device), tasks) if distributed else \
+                map(worker, tasks)
             progress = tqdm(total=len(todo), desc=f"match {name}", unit="pair")
-            for name0, partners in _batches_by_first_image(todo, cache):
-                results = model.match_many(cache[name0], [cache[name1] for name1 in partners])
-                for name1, result in zip(partners, results):
+            for name0, matched in results:
+                for name1, result in matched:
                     writer.write(name0, name1, result)
-                progress.update(len(partners))
+                progress.update(len(matched))
             progress.close()
     return Path(matches_path)
 

@@ -37,6 +37,7 @@ from pairs.io import read_name_list
 from pairs.planner import PairOptions
 
 from .dense import DenseOptions, is_dense_matcher, match_dense, parse_matcher_name, require_warp
+from .executor import ExecutorOptions
 from .export import ExportOptions, export
 from .extract import ExtractOptions, extract
 from .frames import FRAMES_RECORD, FrameOptions, frame_names, has_video, sequence_folders, write_frames
@@ -58,6 +59,7 @@ class RunConfig:
     extract: ExtractOptions = field(default_factory=ExtractOptions)
     match: MatchOptions = field(default_factory=MatchOptions)
     dense: DenseOptions = field(default_factory=DenseOptions)
+    executor: ExecutorOptions = field(default_factory=ExecutorOptions)
     sfm: SfMOptions = field(default_factory=SfMOptions)
     export: ExportOptions = field(default_factory=ExportOptions)
     train_splats: bool = option(False, flags=("--splat",), help="train Gaussian splats after SfM (recon splat)")
@@ -104,6 +106,7 @@ class RunConfig:
     def check(self, num_images: int) -> list[str]:
         """Every option valid and every weight file found, before any stage runs; returns the weight files."""
         self.frames.check()
+        self.executor.check()
         self.sfm.check(num_images)
         self.export.check()
         if self.train_splats:
@@ -226,12 +229,14 @@ def _run(inputs, out_dir: Path, config: RunConfig, timed: _Timer) -> RunResult:
     sink.emit("items", stage="pairs", done=len(pairs_plan.pairs), total=len(pairs_plan.pairs))
     anchor, _ = parse_matcher_name(config.match.matcher) if config.dense_mode else (None, None)
     if not config.dense_mode or anchor is not None:
-        timed("extract", extract, config.extract_options(), image_dir, features_path, names, config.device)
+        timed("extract", extract, config.extract_options(), image_dir, features_path, names, config.device,
+              executor=config.executor)
     if config.dense_mode:
         timed("match", match_dense, config.match.backend_conf(), pairs_path, image_dir, features_path,
-              matches_path, config.dense, config.device, mask_dir=config.extract.mask_dir)
+              matches_path, config.dense, config.device, mask_dir=config.extract.mask_dir, executor=config.executor)
     else:
-        timed("match", match, config.match, pairs_path, features_path, matches_path, config.device)
+        timed("match", match, config.match, pairs_path, features_path, matches_path, config.device,
+              executor=config.executor)
     sink.emit("items", stage="match", done=len(pairs_plan.pairs), total=len(pairs_plan.pairs))
     extracted = set(list_feature_names(features_path)) if features_path.is_file() else set()
     skipped = [name for name in names if name not in extracted]

@@ -28,6 +28,7 @@ from feature_backends.errors import ConfigError, ImageReadError
 from feature_backends.images import image_size
 from feature_backends.store import FeatureReader, FeatureWriter, MatchReader, MatchWriter, read_stored_conf
 
+from ..executor import run_tasks
 from ..match import pending_pairs
 from .common import encoded_images, grouped_by_first_image
 
@@ -167,30 +168,72 @@ def _unmasked(sampled: dict, image_dir: Path, mask_dir: Path, name0: str, name1:
     return {key: sampled[key][keep] for key in ("keypoints0", "keypoints1", "scores")}
 
 
+class QuantisedWorker:
+    """Pass 1 for the pairs of one first image: (name0, [name1, ...]) → [(name0, name1, samples | error text)].
+    One model and one encoding cache per worker; the same code runs here and in a Ray actor (recon.executor)."""
+
+    def __init__(self, dense_name: str, backend_conf: dict, device, image_dir: Path, mask_dir: Path | None,
+                 model=None):
+        from feature_backends import registry
+
+        self.model = model or registry.get_backend("dense", dense_name, backend_conf, device=device)
+        self.image_dir, self.mask_dir = Path(image_dir), mask_dir
+        self.encoded = encoded_images(self.model, self.image_dir)
+
+    def __call__(self, task):
+        name0, partners = task
+        out = []
+        for name1 in partners:
+            try:
+                sampled = self.model.match_encoded(self.encoded[name0], self.encoded[name1])
+            except ImageReadError as error:
+                out.append((name0, name1, str(error)))
+                continue
+            if self.mask_dir is not None:
+                sampled = _unmasked(sampled, self.image_dir, self.mask_dir, name0, name1)
+            out.append((name0, name1, {k: np.asarray(sampled[k]) for k in ("keypoints0", "keypoints1", "scores")}))
+        return out
+
+
+def _sample_pairs(model, name, todo, writer, image_dir, mask_dir, executor, remote) -> set[tuple[str, str]]:
+    """Pass 1 (the network) over the pairs `todo`, grouped by first image, here or on Ray workers (`remote`: the
+    worker's (dense name, backend conf, device)); the samples are written here. Returns the pairs that failed."""
+    groups: dict[str, list[str]] = {}
+    for name0, name1 in todo:
+        groups.setdefault(name0, []).append(name1)
+    if executor is not None and executor.executor != "local":
+        results = run_tasks(executor, QuantisedWorker, (*remote, image_dir, mask_dir), groups.items())
+    else:
+        results = map(QuantisedWorker(name, {}, None, image_dir, mask_dir, model=model), groups.items())
+    failed: set[tuple[str, str]] = set()
+    progress = tqdm(total=len(todo), desc=f"match {name}", unit="pair")
+    for group in results:
+        for name0, name1, sampled in group:
+            if isinstance(sampled, str):
+                logger.warning("Skipping pair (%s, %s): %s", name0, name1, sampled)
+                failed.add((name0, name1))
+            else:
+                writer.write(name0, name1, sampled)
+        progress.update(len(group))
+    progress.close()
+    return failed
+
+
 def match_quantised(model, name: str, pairs: Sequence[tuple[str, str]], image_dir: Path, features_path,
                     matches_path, cell_size: int, max_error: int, max_keypoints: int | None,
-                    mask_dir: Path | None = None) -> Path:
+                    mask_dir: Path | None = None, executor=None, remote: tuple | None = None) -> Path:
+    """The three passes (module docstring). With a Ray `executor`, pass 1 (the network) is sharded by first image
+    over workers built from `remote` = (dense name, backend conf, device); passes 2-3 run here."""
     cell_size, max_error = int(cell_size), int(max_error)
     if max_error < 1 or cell_size < max_error or cell_size % max_error:
         raise ConfigError(f"cell_size ({cell_size}) must be a multiple of max_error ({max_error}) >= 1")
     record = {"backend": name, "conf": model.conf.to_dict(), "mode": "quantised"}
     if mask_dir is not None:
         record["masks"] = str(Path(mask_dir).resolve())
-    encoded = encoded_images(model, image_dir)
-    failed: set[tuple[str, str]] = set()
     # Pass 1: the network, pair by pair; only sampled matches are kept (on disk).
     with MatchWriter(matches_path, conf=record) as writer:
         todo = pending_pairs(writer, grouped_by_first_image(pairs), matches_path)
-        for name0, name1 in tqdm(todo, desc=f"match {name}", unit="pair"):
-            try:
-                sampled = model.match_encoded(encoded[name0], encoded[name1])
-            except ImageReadError as error:
-                logger.warning("Skipping pair (%s, %s): %s", name0, name1, error)
-                failed.add((name0, name1))
-                continue
-            if mask_dir is not None:
-                sampled = _unmasked(sampled, image_dir, mask_dir, name0, name1)
-            writer.write(name0, name1, {k: sampled[k] for k in ("keypoints0", "keypoints1", "scores")})
+        failed = _sample_pairs(model, name, todo, writer, image_dir, mask_dir, executor, remote)
     pairs = [pair for pair in pairs if pair not in failed]
     names = sorted({n for pair in pairs for n in pair})
     feature_record = {**record, "cell_size": cell_size, "max_error": max_error, "max_keypoints": max_keypoints}

@@ -1,0 +1,146 @@
+"""`--executor ray` on a real local Ray cluster (ray.init(num_cpus=2)): same files as the local run, a killed
+worker's tasks retried, a killed driver resumed. One cluster for the module (Ray takes seconds to start)."""
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from recon import executor as executor_module  # noqa: E402
+from recon.executor import ExecutorOptions  # noqa: E402
+from recon.extract import ExtractOptions, extract  # noqa: E402
+from recon.match import MatchOptions, match  # noqa: E402
+from test_dense import crops  # noqa: E402,F401  (fixture)
+
+SIFT = ExtractOptions(features="sift", max_keypoints=512)
+MNN = MatchOptions(matcher="mnn")
+
+
+def datasets(path: Path) -> dict:
+    """Every dataset (and keypoint attribute) of an HDF5 file, by path: the content, not the bytes."""
+    out = {}
+    with h5py.File(path, "r") as file:
+        def visit(name, item):
+            if isinstance(item, h5py.Dataset):
+                out[name] = item[()]
+                out.update({f"{name}@{k}": v for k, v in item.attrs.items()})
+        file.visititems(visit)
+        out["@conf"] = file.attrs["recon_conf"]
+    return out
+
+
+def assert_same(path: Path, reference: Path) -> None:
+    got, expected = datasets(path), datasets(reference)
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        assert np.array_equal(got[key], expected[key]), key
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Workers import the dense oracles of tests/test_dense.py by module path, as users' external backends.
+    tests_dir = str(Path(__file__).parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local(synthetic_scene, tmp_path_factory):
+    """The local executor's features.h5, pairs.txt (exhaustive, 66 pairs) and matches.h5 on the 12-image scene."""
+    out = tmp_path_factory.mktemp("local")
+    images = synthetic_scene / "images"
+    names = sorted(p.name for p in images.iterdir())
+    (out / "pairs.txt").write_text("".join(f"{a} {b}\n" for a, b in itertools.combinations(names, 2)))
+    extract(SIFT, images, out / "features.h5")
+    match(MNN, out / "pairs.txt", out / "features.h5", out / "matches.h5")
+    return images, out
+
+
+def ray_options(cluster, **kwargs) -> ExecutorOptions:
+    return ExecutorOptions(executor="ray", workers=2, ray_address=cluster, **kwargs)
+
+
+def test_ray_executor_writes_the_local_files(cluster, local, tmp_path):
+    images, reference = local
+    extract(SIFT, images, tmp_path / "features.h5", executor=ray_options(cluster, images_per_task=2))
+    match(MNN, reference / "pairs.txt", tmp_path / "features.h5", tmp_path / "matches.h5",
+          executor=ray_options(cluster))
+    assert_same(tmp_path / "features.h5", reference / "features.h5")
+    assert_same(tmp_path / "matches.h5", reference / "matches.h5")
+    with h5py.File(tmp_path / "matches.h5") as file:
+        assert len(file.keys()) == 11 and sum(len(group) for group in file.values()) == 66  # by first image
+
+
+def test_killed_worker_is_retried_and_output_unchanged(cluster, local, tmp_path, monkeypatch):
+    images, reference = local
+    seen = {}
+
+    def kill_one_worker(pool, done, result):
+        if done == 1:
+            seen["killed"] = pool.pids()[0]
+            os.kill(seen["killed"], signal.SIGKILL)
+        elif done == 6:
+            seen["after"] = pool.pids()  # the killed actor was restarted in a new process
+    monkeypatch.setattr(executor_module, "result_hooks", [kill_one_worker])
+    extract(SIFT, images, tmp_path / "features.h5", executor=ray_options(cluster, images_per_task=1))
+    assert seen["killed"] not in seen["after"] and len(seen["after"]) == 2
+    assert_same(tmp_path / "features.h5", reference / "features.h5")
+
+
+DRIVER = """
+import functools, os, signal, sys
+from pathlib import Path
+import recon.extract as stage
+from feature_backends.store import FeatureWriter
+from recon import executor
+from recon.executor import ExecutorOptions
+
+stage.FeatureWriter = functools.partial(FeatureWriter, checkpoint_seconds=0.0)  # publish after every image
+executor.result_hooks.append(lambda pool, done, result: done == 3 and os.kill(os.getpid(), signal.SIGKILL))
+options = ExecutorOptions(executor="ray", workers=2, ray_address=sys.argv[3], images_per_task=2)
+stage.extract(stage.ExtractOptions(features="sift", max_keypoints=512), sys.argv[1], sys.argv[2],
+              executor=options)
+"""
+
+
+def test_killed_driver_resumes_from_the_published_file(cluster, local, tmp_path):
+    images, reference = local
+    features = tmp_path / "features.h5"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(DRIVER), str(images), str(features), cluster],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    with h5py.File(features) as file:
+        published = len(file.keys())
+    assert 2 <= published < 12  # killed after 3 tasks of 2 images: some published, not all
+    extract(SIFT, images, features, executor=ray_options(cluster))
+    assert_same(features, reference / "features.h5")
+
+
+def test_dense_quantised_on_ray_equals_local(cluster, crops, tmp_path):
+    """The dense stage's network pass sharded by first image (a→b,c and b→c on two workers) writes the local
+    run's keypoints and matches: the oracle's sampling is seeded per pair."""
+    from test_dense import TranslationOracle
+
+    from recon.dense import match_dense
+
+    image_dir, pairs, _, table = crops
+    conf = {"name": f"{TranslationOracle.__module__}:TranslationOracle", "offsets": table}
+    match_dense(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
+    match_dense(conf, pairs, image_dir, tmp_path / "rf.h5", tmp_path / "rm.h5", executor=ray_options(cluster))
+    assert_same(tmp_path / "rf.h5", tmp_path / "f.h5")
+    assert_same(tmp_path / "rm.h5", tmp_path / "m.h5")
+    with h5py.File(tmp_path / "m.h5") as file:
+        assert sum(len(group) for group in file.values()) == 3
+        assert min((group["matches0"][()] >= 0).sum() for pair in file.values() for group in pair.values()) > 150
