@@ -39,6 +39,7 @@ BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
         "minima-roma": ("feature_backends.roma:RoMa", {"variant": "minima"}),
         "gim-roma": "feature_backends.gim:GIMRoMa",
         "gim-dkm": "feature_backends.gim:GIMDKM",
+        "romav2": "feature_backends.romav2:RoMaV2",
     },
     "global": {
         "vlad": "pairs.vlad:VLAD",
