@@ -5,12 +5,16 @@ romav2's constructor downloads its checkpoint and Meta's DINOv3 code; the refere
 constructor with two test-only patches: `torch.hub.load` returns Meta's `dinov3_vitl16` architecture assembled from
 Meta's own layers as vendored in `romav2.vit` (block, attention with masked key bias, RoPE, patch embedding) with the
 token handling of facebookresearch/dinov3 `DinoVisionTransformer.get_intermediate_layers` (commit adc2544, the one
-romav2 pins), and the checkpoint download is replaced by loading the random state dict strictly afterwards.
+romav2 pins), and the checkpoint download is replaced by loading the random state dict strictly afterwards. With
+RECON_DINOV3_REPO naming a checkout of facebookresearch/dinov3 at that commit, the hub load runs Meta's real code
+from it instead (checked once here, 2026-11-29: strict load of the same checkpoint, warp and overlap bit-identical
+to the glue below and to recon's backend).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from functools import partial
 from unittest import mock
 
@@ -67,6 +71,14 @@ class MetaDINOv3(nn.Module):
         return tuple(self.norm(out)[:, self.n_storage_tokens + 1:] for out in outputs)
 
 
+def hub_dinov3() -> nn.Module:
+    """What romav2's `torch.hub.load("facebookresearch/dinov3:…", "dinov3_vitl16", pretrained=False)` returns."""
+    repo = os.environ.get("RECON_DINOV3_REPO")
+    if repo:
+        return torch.hub.load(repo, "dinov3_vitl16", source="local", pretrained=False, weights=None)
+    return MetaDINOv3()
+
+
 @contextlib.contextmanager
 def no_random_init():
     """Skip random initialisation while building (every weight is loaded afterwards): seconds per model."""
@@ -86,7 +98,9 @@ def reference():
     # float32 everywhere a configuration allows it, as recon on CPU (the DPT head and refiners keep romav2's
     # hard-coded bfloat16 autocast on both sides).
     cfg = RoMaV2.Cfg(descriptor=Descriptor.Cfg(enable_amp=False), matcher=Matcher.Cfg(enable_amp=False))
-    with no_random_init(), mock.patch("torch.hub.load", return_value=MetaDINOv3()) as hub_load, \
+    with no_random_init():
+        dinov3 = hub_dinov3()
+    with no_random_init(), mock.patch("torch.hub.load", return_value=dinov3) as hub_load, \
             mock.patch("torch.hub.load_state_dict_from_url", return_value={}), \
             mock.patch.object(RoMaV2, "load_state_dict"):
         model = RoMaV2(cfg)
