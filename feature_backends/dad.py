@@ -97,10 +97,11 @@ def official_resize(
             scale = min(scale, 1.0)
     new_w, new_h = (max(multiple, int((scale * side) // multiple * multiple)) for side in (width, height))
     pixels = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
-    if pixels.shape[2] == 1:
-        pixels = np.repeat(pixels, 3, axis=2)
     if (new_w, new_h) != (width, height):
-        pixels = np.asarray(Image.fromarray(pixels, "RGB").resize((new_w, new_h), Image.Resampling.BICUBIC))
+        # One-channel input stays one channel (the detector then refuses it: DaD needs RGB).
+        mode = "RGB" if pixels.shape[2] == 3 else "L"
+        resized = Image.fromarray(pixels if mode == "RGB" else pixels[..., 0], mode)
+        pixels = np.asarray(resized.resize((new_w, new_h), Image.Resampling.BICUBIC)).reshape(new_h, new_w, -1)
     return pixels.astype(np.float32) / 255.0, (new_w / width, new_h / height)
 
 
