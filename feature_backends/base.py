@@ -333,9 +333,14 @@ class LocalFeatures(Backend):
         with torch.inference_mode(), self.autocast():
             return self._extract(tensor)
 
+    def resize(self, image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+        """The network input and its per-axis scale (sx, sy); a backend whose official loader resizes
+        differently (e.g. DaD's PIL bicubic) overrides this."""
+        return resize_image(image, self.conf.resize_max, self.conf.resize_force, self.size_multiple)
+
     def extract(self, image: np.ndarray) -> dict[str, np.ndarray]:
         height, width = image.shape[:2]
-        resized, scale = resize_image(image, self.conf.resize_max, self.conf.resize_force, self.size_multiple)
+        resized, scale = self.resize(image)
         pred = {key: _to_numpy(value) for key, value in self._extract_image(resized).items()}
         keypoints = pred["keypoints"].reshape(-1, 2)
         descriptors = _per_keypoint_rows(pred["descriptors"], len(keypoints))

@@ -1,8 +1,8 @@
 """DaD keypoints ("Distilled Reinforcement Learning for Diverse Keypoint Detection"), described with DeDoDe.
 
-There is no pip package for DaD, so the detector is assembled here from kornia's DeDoDe pieces, following the
-official code (Parskatt/dad, `dad/detectors/dedode_detector.py`: `dedode_detector_S`, `DaD`, `load_DaD`; and
-`dad/utils.py`: `sample_keypoints`), read through the code-search index:
+The detector is assembled from kornia's DeDoDe pieces; its defaults are those of the authors' entry point
+`dad.load_DaD()` in the official package (PyPI `dad-detector` 0.2.2, module `dad`; `dad/detectors/dedode_detector.py`
+and `dad/utils.py`), which the parity test runs with the same random weights:
 
 - Network `dedode_detector_S`: a VGG11-BN encoder (torchvision `vgg11_bn().features[:22]`, features taken before
   each of the four max-pools, strides 1/2/4/8 with 64/128/256/512 channels) and a ConvRefiner decoder with
@@ -11,32 +11,41 @@ official code (Parskatt/dad, `dad/detectors/dedode_detector.py`: `dedode_detecto
   forward pass, so only the VGG11 encoder is new (kornia's DeDoDe encoder is VGG19-only); it reuses kornia's
   VGG19 forward. The official checkpoints (`dad.pth`, `dad_light.pth`, `dad_dark.pth`) load strictly, unchanged:
   keys `encoder.layers.<i>.*` and `decoder.layers.<scale>.{block1,hidden_blocks.<j>,out_conv}.*`.
-- Input: RGB, ImageNet-normalised; longer side 1024 keeping the aspect ratio, sides floored to a multiple of 8.
-- Selection (ours, written from the official behaviour): softmax over all H*W logits → 3x3 NMS (a pixel survives
-  when it equals the max of its 3x3 window) → optional 4-pixel border removal → the top-k by probability → sub-pixel
+- Input, as the official `load_image`: every image is resized, up or down, so that its longer side is 1024:
+  scale = 1024 / max(W, H), each side `int((scale * side) // 8 * 8)` (floored in float arithmetic, so a side may
+  come out 8 px short of 1024), resampled by PIL's `Image.resize` default (bicubic, antialiased when shrinking)
+  on the 8-bit RGB image, then /255 and ImageNet mean/std. Here the decoded float image is brought back to 8 bit
+  (exact for 8-bit files) for that resize, which is why DaD overrides `resize`. One difference remains: recon
+  applies the EXIF orientation (feature_backends.images), the official loader does not.
+- Selection, as the official `sample_keypoints` under `load_DaD`'s defaults: softmax over all H*W logits → 3x3 NMS
+  (a pixel survives when it equals the max of its 3x3 window) → 4-pixel border removal (`load_DaD` sets
+  `remove_borders=True`; the bare `DaD` class defaults to False) → the top-k by probability → sub-pixel
   refinement: a softmax of the raw logits of the 3x3 window at temperature 0.5 gives the expected offset in
-  [-1, 1] px (logits outside the image count as 0, as the official zero-padded unfold does).
+  [-1, 1] px (logits outside the image count as 0, as the official zero-padded unfold does). No coverage
+  reweighting. Keypoints come out in hloc's convention; the official normalised coordinates with `topleft=0.5`
+  are the same points.
 
 Departures from the official `detect`, all deliberate:
-- Border removal: the official `DaD` class sets `remove_borders=False`; the 4-px removal exists in its
-  `sample_keypoints` but is off for DaD. It is a conf key here, default off, to match the published model.
 - Top-k is a stable sort (ties broken by raster order) instead of `torch.topk`, whose order among equal values is
   unspecified, and only NMS survivors are returned: the official top-k fills `num_keypoints` with suppressed
   pixels (probability 0) when an image has fewer maxima; those are not keypoints.
 - Precision: the official ConvRefiner and VGG autocast to float16 on whatever device the model is on, CPU
-  included. Here mixed precision runs on CUDA only (feature_backends.base), CPU stays float32.
+  included. Here mixed precision runs on CUDA only (feature_backends.base), CPU stays float32 (the parity test
+  switches the official autocast off to compare like with like).
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from kornia.feature.dedode.decoder import ConvRefiner, Decoder
 from kornia.feature.dedode.detector import DeDoDeDetector
 from kornia.feature.dedode.encoder import VGG19
 from kornia.feature.dedode.vgg import vgg11_bn
+from PIL import Image
 from torch import nn
 
 from .dedode import DetectorDescriptorBackend
@@ -73,6 +82,27 @@ def dad_detector(amp_dtype: torch.dtype = torch.float16) -> DeDoDeDetector:
         for scale, (in_dim, hidden, out) in DETECTOR_S_LAYOUT.items()
     })
     return DeDoDeDetector(encoder=VGG11Encoder(amp_dtype=amp_dtype), decoder=Decoder(refiners, num_prototypes=1))
+
+
+def official_resize(
+    image: np.ndarray, resize_max: int | None, force: bool = True, multiple: int = 8
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """DaD's `load_image` size rule and PIL bicubic resampling on 8-bit RGB; returns the image in [0, 1] and the
+    per-axis scale (new / old) as (sx, sy)."""
+    height, width = image.shape[:2]
+    scale = 1.0
+    if resize_max:
+        scale = resize_max / max(width, height)
+        if not force:
+            scale = min(scale, 1.0)
+    new_w, new_h = (max(multiple, int((scale * side) // multiple * multiple)) for side in (width, height))
+    pixels = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if (new_w, new_h) != (width, height):
+        # One-channel input stays one channel (the detector then refuses it: DaD needs RGB).
+        mode = "RGB" if pixels.shape[2] == 3 else "L"
+        resized = Image.fromarray(pixels if mode == "RGB" else pixels[..., 0], mode)
+        pixels = np.asarray(resized.resize((new_w, new_h), Image.Resampling.BICUBIC)).reshape(new_h, new_w, -1)
+    return pixels.astype(np.float32) / 255.0, (new_w / width, new_h / height)
 
 
 def select_keypoints(
@@ -121,14 +151,19 @@ class DaD(DetectorDescriptorBackend):
     default_conf = {
         "detector": "dad",  # dad | dad_light | dad_dark
         "max_keypoints": 4096,
-        "resize_max": 1024,
+        "resize_max": 1024,  # longer side; None keeps the size (sides still floored to a multiple of 8)
+        "resize_force": True,  # the official loader also upscales; False only shrinks
         "nms_size": 3,
-        "remove_borders": False,  # official DaD default; True removes a 4-px frame as the official option does
+        "remove_borders": True,  # a 4-px frame, as `dad.load_DaD()` (the bare official `DaD` class: False)
         "subpixel_temperature": 0.5,  # None disables sub-pixel refinement
     }
     size_multiple = 8
     border_pixels: ClassVar[int] = 4
     detector_weights = DAD_WEIGHTS
+
+    def resize(self, image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+        """The official `load_image` resize (see the module docstring) on the (H,W,3) float image."""
+        return official_resize(image, self.conf.resize_max, self.conf.resize_force, self.size_multiple)
 
     def _build_detector(self, conf, amp_dtype: torch.dtype) -> nn.Module:
         if conf.nms_size < 1 or conf.nms_size % 2 == 0:

@@ -50,6 +50,7 @@ BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
                          {"variant": "minima", "resize_max": 640, "resize_force": True}),
         "gim-loftr": "feature_backends.gim_loftr:GIMLoFTR",
         "imd": "unavailable",  # see UNAVAILABLE
+        "romav2": "feature_backends.romav2:RoMaV2",
     },
     "global": {
         "vlad": "feature_backends.vlad:VLAD",

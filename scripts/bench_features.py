@@ -20,8 +20,9 @@ files): speed and memory do not depend on the weight values, only on the keypoin
 still fill to `max_keypoints`. References: kornia for DeDoDe, DISK, ALIKED, LightGlue and MNN (`match_smnn`);
 for dual-softmax, the official `DualSoftMaxMatcher.match` rule written out in torch as the official code runs it
 (einsum, both softmaxes, `nonzero` of the mutual-max mask), since DeDoDe's matcher ships only in its git
-repository and kornia has no sparse dual-softmax. DaD has no reference implementation to install (not on PyPI,
-no kornia port), so its reference column says so.
+repository and kornia has no sparse dual-softmax. For DaD, the authors' package (`dad-detector`, `dad.load_DaD()`
+with its float16 CPU autocast switched off, as ours runs float32 on CPU) detects and kornia's DeDoDe-B describes,
+on the same PIL-resized input.
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ def _reference_extract(name: str, conf: dict):
         model = ALIKED("aliked-n16", max_num_keypoints=max_keypoints, detection_threshold=0.2)
         model.load_state_dict(torch.load(weights / "aliked-n16.pth"))
         run = model
+    elif name == "dad":
+        return _reference_dad(defaults, weights)
     else:
         return None, None
     model.eval()
@@ -119,6 +122,33 @@ def _reference_extract(name: str, conf: dict):
         resized, _ = resize_image(image, resize, False, multiple)
         with torch.inference_mode():
             return run(torch.from_numpy(resized.transpose(2, 0, 1).copy())[None])
+
+    return extract, defaults
+
+
+def _reference_dad(defaults: dict, weights: Path):
+    """The official DaD detector (PyPI `dad-detector`) + kornia's DeDoDe-B descriptor at its keypoints."""
+    import dad
+    import torch
+    import torch.nn.functional as F
+    from kornia.feature.dedode.dedode_models import dedode_descriptor_B
+
+    from feature_backends.dad import official_resize
+
+    detector = dad.load_DaD(resize=defaults["resize_max"], pretrained=False).to("cpu").eval()
+    detector.load_state_dict(torch.load(weights / "dad.pth"))
+    for module in detector.modules():
+        if hasattr(module, "amp"):
+            module.amp = False
+    descriptor = dedode_descriptor_B(amp_dtype=torch.float32).eval()
+    descriptor.load_state_dict(torch.load(weights / "dedode_descriptor_B.pth"))
+
+    def extract(image):
+        resized, _ = official_resize(image, defaults["resize_max"])
+        with torch.inference_mode():
+            x = detector.normalizer(torch.from_numpy(resized.transpose(2, 0, 1).copy()))[None]
+            keypoints = detector.detect({"image": x}, num_keypoints=defaults["max_keypoints"])["keypoints"]
+            return F.grid_sample(descriptor(x), keypoints[:, None], mode="bilinear", align_corners=False)
 
     return extract, defaults
 

@@ -194,6 +194,8 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("dense", "roma-indoor"): Recipe(preflight_only=("roma_indoor.pth", DINOV2), why=ROMA_NOT_BUILT),
     ("dense", "minima-roma"): Recipe(preflight_only=("minima_roma.pth", DINOV2), why=ROMA_NOT_BUILT),
     ("dense", "gim-roma"): Recipe(preflight_only=("gim_roma_100h.ckpt", DINOV2), why=ROMA_NOT_BUILT),
+    ("dense", "romav2"): Recipe(preflight_only=("romav2.0.1.pt",),
+                                why="DINOv3 ViT-L/16 inside; tests/test_romav2.py builds it (meta device) for parity"),
     ("dense", "tiny-roma"): Recipe({"resize_max": 128, "num_matches": 500},
                                    {"tiny_roma_v1_outdoor.pth": _tiny_roma}),
     ("dense", "gim-dkm"): Recipe({"coarse_res": [64, 96], "upsample": False, "num_matches": 500},
