@@ -292,7 +292,7 @@ def main() -> int:
     print(f"CPU, {args.threads} threads, {len(images)} images from {args.images}, medians of {args.repeats} "
           f"alternating runs, "
           f"{'weights from ' + str(args.weights_dir) if args.weights_dir else 'random weights'}")
-    print(benchlib.table(lines, header, args.markdown, formats))
+    print(benchlib.table(lines, header, markdown=args.markdown, formats=formats))
     return 0
 
 

@@ -156,7 +156,8 @@ def seconds_cell(value) -> str:
 
 
 def table(rows: list[dict], columns: list[str], markdown: bool) -> str:
-    return benchlib.table(rows, columns, markdown, {c: seconds_cell if c == "seconds" else number for c in columns})
+    formats = {c: seconds_cell if c == "seconds" else number for c in columns}
+    return benchlib.table(rows, columns, markdown=markdown, formats=formats)
 
 
 def main() -> int:

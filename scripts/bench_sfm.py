@@ -6,8 +6,8 @@ scored with `recon.eval` (registered images, points, reprojection error, relativ
 ground-truth pairs). Wall time is measured per stage: extract, match (pair planning, matching and geometric
 verification, which COLMAP's match_exhaustive does in one call), map. "Default" means each pipeline's own
 image size (COLMAP's SIFT: 3200 px; recon's SIFT: resize_max 1600). recon runs without its exports (they
-follow the model and COLMAP has none); its finer timings go to results.json. COLMAP uses pycolmap's defaults on the CPU (extract_features, match_exhaustive, incremental_mapping),
-with its largest model scored, except for the camera grouping: COLMAP's `CameraMode.AUTO` gives every
+follow the model and COLMAP has none); its finer timings go to results.json. COLMAP uses pycolmap's defaults
+on the CPU (extract_features, match_exhaustive, incremental_mapping), with its largest model scored, except for the camera grouping: COLMAP's `CameraMode.AUTO` gives every
 EXIF-less image its own camera, and on temple_ring_full that alone costs COLMAP half its AUC@1 (11.8 vs 20.9:
 each view fits its own focal and a spurious radial term), so by default COLMAP gets one shared camera, the
 same assumption as recon's default `--camera-mode single`. `--colmap-camera-mode auto` restores COLMAP's own.
@@ -238,7 +238,7 @@ def table_rows(rows: list[BenchRow]) -> tuple[list[str], list[list[str]]]:
 
 def format_table(rows: list[BenchRow], markdown: bool) -> str:
     header, body = table_rows(rows)
-    return benchlib.table(body, header, markdown)
+    return benchlib.table(body, header, markdown=markdown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows += bench_scene(SCENES[name], args.data, out_dir, runners, args.settings, args.max_size, args.repeat)
         (out_dir / "results.json").write_text(json.dumps(
-            [{"scene": r.scene, "method": r.method, "setting": r.setting, "times": r.times, "total": r.total, "totals": r.totals, "detail": r.detail,
-              "error": r.error, "eval": r.result.to_dict() if r.result else None} for r in rows], indent=2))
+            [{"scene": r.scene, "method": r.method, "setting": r.setting, "times": r.times, "total": r.total,
+              "totals": r.totals, "detail": r.detail, "error": r.error,
+              "eval": r.result.to_dict() if r.result else None} for r in rows], indent=2))
         print()
         print(f"COLMAP camera mode: {args.colmap_camera_mode}; 'max' setting: {args.max_size}px; times in seconds"
               + (f", medians of {args.repeat} alternating runs (range of the totals)" if args.repeat > 1 else ""))

@@ -50,7 +50,7 @@ def cell(value: Any, spec: Format | None = None) -> str:
 
 
 def table(rows: Sequence[Mapping[str, Any] | Sequence[Any]], columns: Sequence[str | tuple[str, str]] | None = None,
-          markdown: bool = False, formats: Mapping[str, Format] | None = None) -> str:
+          *, markdown: bool = False, formats: Mapping[str, Format] | None = None) -> str:
     """Rows as a plain-text or Markdown table.
 
     `columns` lists the keys shown, in order; an entry (key, title) shows `key` under another title. Default: the
