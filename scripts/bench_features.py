@@ -4,8 +4,9 @@
 
 Per backend, on CPU at the backend's default resolution: extraction images/s, matching pairs/s and peak resident
 memory, for recon's backend and for the reference called directly in the same run, with the ratio ours/reference.
-Every measurement runs in a fresh subprocess, so peak memory is that process's `ru_maxrss` (tracemalloc does not
-see torch's allocations) and no measurement inherits another's caches. Both sides get the same image, resized the
+Every measurement runs in a fresh subprocess, so peak memory is that process's own high-water mark (VmHWM;
+tracemalloc does not see torch's allocations, and a child's ru_maxrss starts at its parent's size, see
+benchlib.peak_rss_mb) and no measurement inherits another's caches. Both sides get the same image, resized the
 same way, and the same weights; the reference timing includes the same resize and tensor conversion.
 
 Ours and the reference alternate, each `--repeats` times (default 3), and the table reports the median rate and
@@ -226,7 +227,7 @@ def child(spec: dict) -> None:
 
 
 def run_child(spec: dict, env: dict) -> dict:
-    """One measurement in a fresh process; its peak resident memory is that process's ru_maxrss."""
+    """One measurement in a fresh process, with that process's peak resident memory."""
     result, peak_mb = benchlib.run_child([__file__, "--child", json.dumps(spec)], env)
     return {**result, "peak_mb": peak_mb} if result else {}
 

@@ -1,7 +1,7 @@
 """What every benchmark script needs and none should write again: tables, medians of repeated runs, alternating
 repeats, and peak memory.
 
-Imported by the scripts next to it as `import benchlib` (Python puts a script's own folder first on sys.path);
+Imported by the scripts next to it as `import benchlib` (Python looks first in a script's own folder);
 recon itself never imports it.
 
 - `table(rows, columns, markdown=...)`: plain text (aligned columns) or Markdown (README-ready, GitHub's `|---|`
@@ -10,10 +10,10 @@ recon itself never imports it.
   varies by ±5-20 %, so competing measurements take turns instead of running back to back.
 - `median_run(values)`, `median_fields(results, keys)`: the median of repeats, and the run it came from (quality
   figures are reported from the run with the median time, not mixed from several runs).
-- `peak_rss_mb()`, `run_child(argv)`, `PeakSampler`: peak resident memory of this process (ru_maxrss), of a
-  child process (its rusage from wait4, so a measurement runs alone in a fresh process and inherits no caches),
-  and over a window of this process (sampled every 10 ms, for a peak above a baseline). tracemalloc would not
-  see torch's allocations.
+- `peak_rss_mb()`, `run_child(argv)`, `PeakSampler`: peak resident memory of this process (the kernel's
+  high-water mark, VmHWM), of a child process (a measurement alone in a fresh process, inheriting no caches;
+  the child reports its own peak with `emit_result`), and over a window of this process (sampled every 10 ms,
+  for a peak above a baseline). tracemalloc would not see torch's allocations.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -108,7 +107,18 @@ def median_fields(results: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> 
 # --- peak memory -------------------------------------------------------------------------------------------------
 
 def peak_rss_mb() -> float:
-    """Peak resident set of this process so far, MB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set of this process so far, MB: the kernel's high-water mark of its memory (VmHWM).
+
+    Not ru_maxrss: Linux keeps a process's ru_maxrss across fork and exec, so a child's starts at its parent's
+    resident set (a child started by a 1.1 GB parent reports at least 1.1 GB, whatever it uses itself); VmHWM
+    belongs to the address space the child got at exec."""
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # not Linux
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -141,20 +151,16 @@ class PeakSampler:
 
 
 def emit_result(result: Mapping[str, Any]) -> None:
-    """A child's answer to `run_child`: one line of JSON on stdout."""
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    """A child's answer to `run_child`: one line of JSON on stdout, with the child's peak memory so far."""
+    print(RESULT_PREFIX + json.dumps({"result": result, "peak_mb": peak_rss_mb()}), flush=True)
 
 
 def run_child(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], float]:
-    """Run `python *argv` in a fresh process; return the dict it printed with `emit_result` and the child's peak
-    resident set in MB (its ru_maxrss, from wait4). A failure raises with the tail of the child's stderr."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=err, env=env, text=True)
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        lines = [line for line in out.read().splitlines() if line.startswith(RESULT_PREFIX)]
-        if process.returncode != 0 or not lines:
-            raise RuntimeError(f"{' '.join(argv[:3])} … failed (exit {process.returncode}):\n{err.read()[-2000:]}")
-    return json.loads(lines[-1][len(RESULT_PREFIX):]), usage.ru_maxrss / 1024
+    """Run `python *argv` in a fresh process; return the dict it printed with `emit_result` and the child's own
+    peak resident set in MB when it printed it. A failure raises with the tail of the child's stderr."""
+    process = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, check=False)
+    lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if process.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(argv[:3])} … failed (exit {process.returncode}):\n{process.stderr[-2000:]}")
+    answer = json.loads(lines[-1][len(RESULT_PREFIX):])
+    return answer["result"], answer["peak_mb"]
