@@ -167,6 +167,7 @@ def main() -> int:
     parser.add_argument("--cap", type=int, default=15, help="per-image cap for the capped retrieval row")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA, help="folder holding the scenes")
     parser.add_argument("--full-resolution", action="store_true")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, help="keep descriptors and results.json here (default: temporary)")
@@ -186,13 +187,13 @@ def main() -> int:
               f"exhaustive pairs / N: {exhaustive}")
 
     if not args.skip_quality:
-        if not SHARED_DATA.is_dir():
-            print(f"\nPart 2 skipped: {SHARED_DATA} not present")
+        if not args.data.is_dir():
+            print(f"\nPart 2 skipped: {args.data} not present")
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 out = args.out or Path(tmp)
                 out.mkdir(parents=True, exist_ok=True)
-                folder = mixed_scenes(SHARED_DATA, Path(tmp) / "mixed", MIXED_SCENES,
+                folder = mixed_scenes(args.data, Path(tmp) / "mixed", MIXED_SCENES,
                                       None if args.full_resolution else 640)
                 quality = quality_rows(folder, out, args.ks, args.device)
             results["quality"] = quality
