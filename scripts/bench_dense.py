@@ -274,12 +274,14 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--worker", choices=("ours", "romatch", "interleaved"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    measures_roma = args.worker or not (args.skip_throughput and args.skip_memory)
+    images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")) \
+        if measures_roma else []  # the keypoint modes run on a generated scene
     if args.worker:
         measure = interleaved if args.worker == "interleaved" else functools.partial(worker, args.worker)
         benchlib.emit_result(measure(images, args.stream_images, args.device, args.official, args.res))
         return 0
-    if not (args.skip_throughput and args.skip_memory) and len(images) < args.stream_images + 2:
+    if measures_roma and len(images) < args.stream_images + 2:
         parser.error(f"need {args.stream_images + 2} images in {args.images} (stream + warm-up pair)")
     pairs = args.stream_images * (args.stream_images - 1) // 2
     setting = (f"RoMa outdoor, coarse {args.res[0]}, upsample {args.res[1]}, symmetric, 10000 matches, {args.device}, "
