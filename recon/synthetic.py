@@ -6,7 +6,11 @@ actually solve. Patches are drawn per point, so dense point sets overlap into mu
 640x480 over 12 frames registers every frame with COLMAP's own SIFT pipeline, 400 points only 2 of 12.
 
 `make_plane_scene`: textured planes ray-cast from known cameras, for dense matchers, which need a
-known correspondence at every pixel rather than at a few sparse points."""
+known correspondence at every pixel rather than at a few sparse points.
+
+`mixed_scenes`: the photos of several real scenes in one folder, named `<scene>__<file>`, for retrieval, whose
+right answer (a neighbour from the same scene) is then known from the names. The exact dense warps of the
+generated scenes (matchers that know the answer) are in recon.oracles."""
 
 from __future__ import annotations
 
@@ -334,3 +338,32 @@ def make_plane_video(path: str | Path, spec: PlaneSceneSpec, video: VideoSpec = 
             frames.append({"source": source, "kind": kind})
     writer.release()
     return frames
+
+
+MIXED_SCENES = ("fountain_p11", "sacre_coeur", "sceaux_castle", "temple_ring")
+
+
+def mixed_scenes(data_dir: str | Path, out_dir: str | Path, scenes: tuple[str, ...] = MIXED_SCENES,
+                 max_side: int | None = 640) -> Path:
+    """Every photo of `data_dir/<scene>` (searched recursively) as `out_dir/<scene>__<stem>.jpg`, its longer side
+    brought down to `max_side` (VLAD describes at 640 px anyway; decoding 6-Mpixel originals would dominate a
+    test's time); `max_side=None` links the originals as they are. Raises FileNotFoundError naming a scene that
+    has no photos."""
+    from PIL import Image, ImageOps
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for scene in scenes:
+        files = [f for f in sorted((Path(data_dir) / scene).rglob("*")) if f.suffix.lower() in (".jpg", ".png")]
+        if not files:
+            raise FileNotFoundError(f"{scene} has no images in {data_dir}")
+        for file in files:
+            if max_side is None:
+                (out_dir / f"{scene}__{file.name}").symlink_to(file)
+                continue
+            with Image.open(file) as image:
+                image.draft("RGB", (max_side, max_side))
+                image = ImageOps.exif_transpose(image).convert("RGB")
+                image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+                image.save(out_dir / f"{scene}__{file.stem}.jpg", quality=95)
+    return out_dir

@@ -11,7 +11,7 @@
 2. Peak memory: each path alone in a fresh process, highest resident set sampled every 10 ms over the stream,
    minus the resident set after the warm-up pair.
 3. Keypoint modes on a generated plane scene (recon.synthetic.make_plane_scene: textured planes, known cameras,
-   occlusion), matched by its exact per-pixel warp (tests/test_dense.py:PlaneOracle, sampled as RoMa samples),
+   occlusion), matched by its exact per-pixel warp (recon.oracles:PlaneOracle, sampled as RoMa samples),
    through `recon run` in quantised mode and anchored on SIFT without and with keypoint propagation: keypoints
    per image (of which added by propagation), matches, registered images,
    points, distinct images per 3D point, share of observations in an image the point is already observed in,
@@ -23,43 +23,17 @@
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
+import functools
 import tempfile
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import benchlib  # scripts/benchlib.py, next to this file
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "temple_ring"
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as file:
-        return int(file.read().split()[1]) * 4096
-
-
-class PeakSampler:
-    def __init__(self, interval: float = 0.01):
-        self.interval, self.peak, self._stop = interval, resident_bytes(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, resident_bytes())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, resident_bytes())
+PLANE_ORACLE = "recon.oracles:PlaneOracle"  # a dense backend by dotted path: nothing registered
 
 
 def random_roma_checkpoints():
@@ -109,7 +83,7 @@ def build_path(path: str, checkpoints: dict, device: str, res: tuple[int, int] =
     counters = {"encodes": 0, "encode_s": 0.0}
     if path == "ours":
         from feature_backends.roma import RoMa
-        from recon.dense import encoded_images
+        from recon.dense.common import encoded_images
 
         model = RoMa.from_checkpoints(checkpoints, {"coarse_res": res[0], "upsample_res": res[1]}, device=device)
         encode = model.encode
@@ -156,8 +130,8 @@ def worker(path: str, images: list[Path], stream_images: int, device: str, offic
     reset(images[0].parent)
     run(*warm_up)  # first-call allocations, thread pools
     reset(images[0].parent)
-    baseline = resident_bytes()
-    with PeakSampler() as sampler:
+    baseline = benchlib.resident_bytes()
+    with benchlib.PeakSampler() as sampler:
         start = time.perf_counter()
         for a, b in pairs:
             run(a, b)
@@ -180,15 +154,11 @@ def interleaved(images: list[Path], stream_images: int, device: str, official: b
         run(*warm_up)
         reset(folder)
         counters.update(encodes=0, encode_s=0.0)
-    per_pair = []
-    for index, (a, b) in enumerate(pairs):
-        order = ("ours", "romatch") if index % 2 == 0 else ("romatch", "ours")
-        row = {"pair": f"{a.stem}-{b.stem}"}
-        for name in order:
-            start = time.perf_counter()
-            paths[name][0](a, b)
-            row[name] = time.perf_counter() - start
-        per_pair.append(row)
+    per_pair = [{"pair": f"{a.stem}-{b.stem}"} for a, b in pairs]
+    for index, name in benchlib.alternating(("ours", "romatch"), len(pairs), flip=True):
+        start = time.perf_counter()
+        paths[name][0](*pairs[index])
+        per_pair[index][name] = time.perf_counter() - start
     seconds = {name: sum(row[name] for row in per_pair) for name in paths}
     return {"pairs": len(pairs), "per_pair": per_pair, **seconds, "ours_encodes": paths["ours"][2]["encodes"],
             "ours_encode_s": paths["ours"][2]["encode_s"]}
@@ -215,15 +185,15 @@ def sampling_times(device: str) -> dict:
     return {"ours_sampling": time.perf_counter() - start, "romatch_sampling": romatch_s}
 
 
+def in_child(worker: str, images: Path, stream_images: int, device: str, official: bool, res) -> dict:
+    """This script's `--worker` in a fresh process (its own peak memory, no shared caches); its result."""
+    argv = [__file__, "--worker", worker, "--stream-images", str(stream_images), "--device", device,
+            "--images", str(images), "--res", *map(str, res)] + (["--official"] if official else [])
+    return benchlib.run_child(argv)[0]
+
+
 def throughput(images: list[Path], stream_images: int, device: str, official: bool, res) -> list[dict]:
-    results = []
-    for path in ("ours", "romatch"):
-        command = [sys.executable, __file__, "--worker", path, "--stream-images", str(stream_images), "--device",
-                   device, "--images", str(images[0].parent), "--res", *map(str, res)]
-        command += ["--official"] if official else []
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
-    return results
+    return [in_child(path, images[0].parent, stream_images, device, official, res) for path in ("ours", "romatch")]
 
 
 def track_statistics(model) -> dict:
@@ -246,27 +216,28 @@ def track_statistics(model) -> dict:
 def keypoint_modes(num_frames: int, num_matches: int, radius: float) -> list[dict]:
     import pycolmap
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from feature_backends import registry
     from feature_backends.store import FeatureReader, MatchReader
     from pairs.io import read_pairs
+    from recon.dense import DenseOptions
     from recon.eval import evaluate
+    from recon.export import ExportOptions
+    from recon.match import MatchOptions
     from recon.pipeline import RunConfig, run
     from recon.synthetic import PlaneSceneSpec, make_plane_scene
 
-    registry.BACKENDS["dense"]["plane-oracle"] = "test_dense:PlaneOracle"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         scene = make_plane_scene(Path(tmp) / "scene", PlaneSceneSpec(num_frames=num_frames))
         conf = {"scene": str(scene), "num_matches": num_matches}
-        for mode, matcher, extra in (("quantised", "plane-oracle", {}),
-                                     ("anchored (SIFT)", "sift+plane-oracle", {"radius": radius, "propagate": False}),
-                                     ("anchored (SIFT) + propagation", "sift+plane-oracle",
-                                      {"radius": radius, "propagate": True})):
+        for mode, matcher, dense in (("quantised", PLANE_ORACLE, DenseOptions()),
+                                     ("anchored (SIFT)", f"sift+{PLANE_ORACLE}",
+                                      DenseOptions(radius=radius, propagate=False)),
+                                     ("anchored (SIFT) + propagation", f"sift+{PLANE_ORACLE}",
+                                      DenseOptions(radius=radius, propagate=True))):
             out = Path(tmp) / mode.replace(" ", "_")
             start = time.perf_counter()
-            result = run(scene / "images", out, RunConfig(matcher=matcher, matcher_conf={**conf, **extra},
-                                                         exports=()))
+            result = run(scene / "images", out, RunConfig(match=MatchOptions(matcher, conf), dense=dense,
+                                                         export=ExportOptions(formats=())))
             with FeatureReader(out / "features.h5") as features:
                 counts = [features.keypoint_counts(n) for n in features.names()]
             keypoints = [total for total, _ in counts]
@@ -283,18 +254,6 @@ def keypoint_modes(num_frames: int, num_matches: int, radius: float) -> list[dic
                          "auc@1/3/5": "/".join(f"{a:.0f}" for a in evaluate(result.sfm.sparse_dir, scene / "gt").auc),
                          "seconds": time.perf_counter() - start})
     return rows
-
-
-def table(rows: list[dict], markdown: bool) -> str:
-    keys = list(rows[0])
-    cells = [[f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    line = lambda values: ("| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |") if markdown \
-        else "  ".join(v.ljust(w) for v, w in zip(values, widths))  # noqa: E731
-    out = [line(keys)]
-    if markdown:
-        out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(out + [line(c) for c in cells])
 
 
 def main(argv=None) -> int:
@@ -315,27 +274,25 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--worker", choices=("ours", "romatch", "interleaved"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if args.worker == "interleaved":
-        print(json.dumps(interleaved(images, args.stream_images, args.device, args.official, args.res)))
-        return 0
+    measures_roma = args.worker or not (args.skip_throughput and args.skip_memory)
+    images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")) \
+        if measures_roma else []  # the keypoint modes run on a generated scene
     if args.worker:
-        print(json.dumps(worker(args.worker, images, args.stream_images, args.device, args.official, args.res)))
+        measure = interleaved if args.worker == "interleaved" else functools.partial(worker, args.worker)
+        benchlib.emit_result(measure(images, args.stream_images, args.device, args.official, args.res))
         return 0
-    if not (args.skip_throughput and args.skip_memory) and len(images) < args.stream_images + 2:
+    if measures_roma and len(images) < args.stream_images + 2:
         parser.error(f"need {args.stream_images + 2} images in {args.images} (stream + warm-up pair)")
     pairs = args.stream_images * (args.stream_images - 1) // 2
     setting = (f"RoMa outdoor, coarse {args.res[0]}, upsample {args.res[1]}, symmetric, 10000 matches, {args.device}, "
                f"{'official' if args.official else 'random'} weights, every pair of the first {args.stream_images} "
                f"images of {args.images} ({pairs} pairs) after one warm-up pair")
     if not args.skip_throughput:
-        command = [sys.executable, __file__, "--worker", "interleaved", "--stream-images", str(args.stream_images),
-                   "--device", args.device, "--images", str(args.images), "--res", *map(str, args.res)]
-        command += ["--official"] if args.official else []
-        both = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        both = in_child("interleaved", args.images, args.stream_images, args.device, args.official, args.res)
         print(setting)
         print("One process, the two paths alternating pair by pair (and which goes first):")
-        print(table([{**row, "ratio": row["romatch"] / row["ours"]} for row in both["per_pair"]], args.markdown))
+        rows = [{**row, "ratio": row["romatch"] / row["ours"]} for row in both["per_pair"]]
+        print(benchlib.table(rows, markdown=args.markdown))
         print(f"total: ours {both['ours']:.1f} s ({both['ours_encodes']} images encoded in "
               f"{both['ours_encode_s']:.1f} s), romatch {both['romatch']:.1f} s ({2 * both['pairs']} encodings); "
               f"throughput ratio ours/romatch: {both['romatch'] / both['ours']:.2f}\n")
@@ -346,12 +303,12 @@ def main(argv=None) -> int:
         rows = throughput(images, args.stream_images, args.device, args.official, args.res)
         print(setting)
         print("Separate processes (peak memory above the level after warm-up):")
-        print(table(rows, args.markdown))
+        print(benchlib.table(rows, markdown=args.markdown))
         print(f"peak memory ratio ours/romatch: {rows[0]['peak_mb'] / max(rows[1]['peak_mb'], 1e-9):.2f}\n")
     if not args.skip_modes:
         print(f"Keypoint modes, generated plane scene ({args.frames} frames, 640x480), exact dense warp, "
               f"{args.oracle_matches} samples per pair")
-        print(table(keypoint_modes(args.frames, args.oracle_matches, args.radius), args.markdown))
+        print(benchlib.table(keypoint_modes(args.frames, args.oracle_matches, args.radius), markdown=args.markdown))
     return 0
 
 

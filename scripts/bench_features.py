@@ -4,8 +4,9 @@
 
 Per backend, on CPU at the backend's default resolution: extraction images/s, matching pairs/s and peak resident
 memory, for recon's backend and for the reference called directly in the same run, with the ratio ours/reference.
-Every measurement runs in a fresh subprocess, so peak memory is that process's `ru_maxrss` (tracemalloc does not
-see torch's allocations) and no measurement inherits another's caches. Both sides get the same image, resized the
+Every measurement runs in a fresh subprocess, so peak memory is that process's own high-water mark (VmHWM;
+tracemalloc does not see torch's allocations, and a child's ru_maxrss starts at its parent's size, see
+benchlib.peak_rss_mb) and no measurement inherits another's caches. Both sides get the same image, resized the
 same way, and the same weights; the reference timing includes the same resize and tensor conversion.
 
 Ours and the reference alternate, each `--repeats` times (default 3), and the table reports the median rate and
@@ -30,16 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import benchlib  # scripts/benchlib.py, next to this file
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 EXTRACTORS = ("dedode", "dad", "disk", "aliked")
 # (matcher, features it runs on, matcher conf, features conf)
@@ -254,31 +253,13 @@ def child(spec: dict) -> None:
     else:
         result = measure_matching(spec["side"], spec["name"], spec["features"], spec["matcher_conf"],
                                   spec["images"], spec["warmup"], spec["features_file"])
-    if result:
-        result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(result))
+    benchlib.emit_result(result)
 
 
 def run_child(spec: dict, env: dict) -> dict:
-    process = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
-                             text=True, check=False)
-    for line in process.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"measurement {spec['task']} {spec['side']} {spec['name']} failed:\n{process.stderr[-2000:]}")
-
-
-def _median(results: list[dict]) -> dict:
-    if not results[0]:
-        return {}
-    merged = dict(results[0])
-    for key in ("rate", "peak_mb"):
-        merged[key] = statistics.median(r[key] for r in results)
-    return merged
-
-
-def fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    """One measurement in a fresh process, with that process's peak resident memory."""
+    result, peak_mb = benchlib.run_child([__file__, "--child", json.dumps(spec)], env)
+    return {**result, "peak_mb": peak_mb} if result else {}
 
 
 def main() -> int:
@@ -301,18 +282,15 @@ def main() -> int:
     weights_dir = args.weights_dir or Path(tempfile.mkdtemp(prefix="recon-bench-weights-"))
     if not args.weights_dir:
         make_random_weights(weights_dir)
-    env = {**os.environ, "RECON_WEIGHTS_DIR": str(weights_dir), "RECON_OFFLINE": "1",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "RECON_WEIGHTS_DIR": str(weights_dir), "RECON_OFFLINE": "1"}
     rows = []
     common = {"images": images, "warmup": args.warmup, "threads": args.threads}
 
     def alternate(spec: dict) -> tuple[dict, dict]:
         """Ours and the reference in alternation, `--repeats` times; medians of rate and peak memory."""
-        runs = {"ours": [], "reference": []}
-        for _ in range(args.repeats):
-            for side in runs:
-                runs[side].append(run_child({**spec, "side": side}, env))
-        return tuple(_median(runs[side]) for side in ("ours", "reference"))
+        runs = benchlib.alternate({side: lambda side=side: run_child({**spec, "side": side}, env)
+                                   for side in ("ours", "reference")}, args.repeats)
+        return tuple(benchlib.median_fields(runs[side], ("rate", "peak_mb")) for side in ("ours", "reference"))
 
     for name in EXTRACTORS:
         if args.only and name not in args.only:
@@ -332,25 +310,20 @@ def main() -> int:
         rows.append((f"{matcher} (match)", f"on {features}", "pairs/s", ours, ref))
 
     header = ["backend", "setting", "unit", "ours", "reference", "ratio", "ours MB", "ref MB", "mem ratio"]
+    formats = {"ours": "{:.3f}", "reference": "{:.3f}", "ratio": "{:.2f}", "ours MB": "{:.0f}", "ref MB": "{:.0f}",
+               "mem ratio": "{:.2f}"}
     lines = []
     for label, setting, unit, ours, ref in rows:
-        rate_ratio = ours["rate"] / ref["rate"] if ref else None
-        mem_ratio = ours["peak_mb"] / ref["peak_mb"] if ref else None
-        missing = "none installable" if not ref else None
-        lines.append([label, setting, unit, fmt(ours["rate"], 3), missing or fmt(ref.get("rate"), 3), fmt(rate_ratio),
-                      fmt(ours["peak_mb"], 0), missing or fmt(ref.get("peak_mb"), 0), fmt(mem_ratio)])
+        missing = "none installable"  # printed in place of the reference's figures when there is none
+        lines.append({"backend": label, "setting": setting, "unit": unit, "ours": ours["rate"],
+                      "reference": ref["rate"] if ref else missing,
+                      "ratio": ours["rate"] / ref["rate"] if ref else None, "ours MB": ours["peak_mb"],
+                      "ref MB": ref["peak_mb"] if ref else missing,
+                      "mem ratio": ours["peak_mb"] / ref["peak_mb"] if ref else None})
     print(f"CPU, {args.threads} threads, {len(images)} images from {args.images}, medians of {args.repeats} "
           f"alternating runs, "
           f"{'weights from ' + str(args.weights_dir) if args.weights_dir else 'random weights'}")
-    if args.markdown:
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
-        for line in lines:
-            print("| " + " | ".join(line) + " |")
-    else:
-        widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
-        for line in [header, *lines]:
-            print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)))
+    print(benchlib.table(lines, header, markdown=args.markdown, formats=formats))
     return 0
 
 

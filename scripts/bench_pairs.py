@@ -37,9 +37,11 @@ from feature_backends.weights import find_weights
 from pairs.exhaustive import exhaustive_pairs
 from pairs.retrieval import cap_per_image, extract_global_descriptors, retrieve
 from pairs.sequential import loop_frames, sequential_pairs
+from recon.synthetic import MIXED_SCENES, mixed_scenes
+
+import benchlib  # scripts/benchlib.py, next to this file
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SCENES = ("fountain_p11", "sacre_coeur", "sceaux_castle", "temple_ring")
 
 
 def generated_video(count: int, dim: int = 4096, laps: float = 2.0, seed: int = 0) -> tuple[list[str], np.ndarray]:
@@ -95,25 +97,6 @@ def _dedup(pairs):
     return deduplicate(pairs)
 
 
-def mixed_folder(target: Path, full_resolution: bool) -> Path:
-    from PIL import Image, ImageOps
-
-    target.mkdir(parents=True, exist_ok=True)
-    for scene in SCENES:
-        for file in sorted((SHARED_DATA / scene).rglob("*")):
-            if file.suffix.lower() not in (".jpg", ".png"):
-                continue
-            if full_resolution:
-                (target / f"{scene}__{file.name}").symlink_to(file)
-                continue
-            with Image.open(file) as image:
-                image.draft("RGB", (640, 640))
-                image = ImageOps.exif_transpose(image).convert("RGB")
-                image.thumbnail((640, 640), Image.Resampling.LANCZOS)
-                image.save(target / f"{scene}__{file.stem}.jpg", quality=95)
-    return target
-
-
 def weights_present(name: str) -> tuple[bool, str]:
     """Whether every file the backend's default configuration loads is here, and the files' names."""
     cls, preset = registry.resolve("global", name)
@@ -154,25 +137,20 @@ def quality_rows(folder: Path, out: Path, ks: list[int], device: str | None) -> 
     return rows
 
 
-def table(rows: list[dict], columns: list[str], markdown: bool) -> str:
-    def cell(value, column):
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            if column == "seconds" and value < 10:
-                return f"{value:.4f}"
-            return f"{value:.3f}" if value < 100 else f"{value:.0f}"
+def number(value) -> str:
+    """Pair counts as they are, fractions with 3 decimals, seconds under 10 with 4 (planning takes milliseconds)."""
+    if not isinstance(value, float):
         return str(value)
+    return f"{value:.3f}" if value < 100 else f"{value:.0f}"
 
-    cells = [[cell(row.get(c), c) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    if markdown:
-        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in cells]
-    else:
-        lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-        lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
+
+def seconds_cell(value) -> str:
+    return f"{value:.4f}" if value < 10 else number(value)
+
+
+def table(rows: list[dict], columns: list[str], markdown: bool) -> str:
+    formats = {c: seconds_cell if c == "seconds" else number for c in columns}
+    return benchlib.table(rows, columns, markdown=markdown, formats=formats)
 
 
 def main() -> int:
@@ -182,6 +160,7 @@ def main() -> int:
     parser.add_argument("--cap", type=int, default=15, help="per-image cap for the capped retrieval row")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA, help="folder holding the scenes")
     parser.add_argument("--full-resolution", action="store_true")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, help="keep descriptors and results.json here (default: temporary)")
@@ -201,13 +180,14 @@ def main() -> int:
               f"exhaustive pairs / N: {exhaustive}")
 
     if not args.skip_quality:
-        if not SHARED_DATA.is_dir():
-            print(f"\nPart 2 skipped: {SHARED_DATA} not present")
+        if not args.data.is_dir():
+            print(f"\nPart 2 skipped: {args.data} not present")
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 out = args.out or Path(tmp)
                 out.mkdir(parents=True, exist_ok=True)
-                folder = mixed_folder(Path(tmp) / "mixed", args.full_resolution)
+                folder = mixed_scenes(args.data, Path(tmp) / "mixed", MIXED_SCENES,
+                                      None if args.full_resolution else 640)
                 quality = quality_rows(folder, out, args.ks, args.device)
             results["quality"] = quality
             print("\nPart 2 - within-scene precision@K on the mixed real folder")

@@ -6,8 +6,8 @@ scored with `recon.eval` (registered images, points, reprojection error, relativ
 ground-truth pairs). Wall time is measured per stage: extract, match (pair planning, matching and geometric
 verification, which COLMAP's match_exhaustive does in one call), map. "Default" means each pipeline's own
 image size (COLMAP's SIFT: 3200 px; recon's SIFT: resize_max 1600). recon runs without its exports (they
-follow the model and COLMAP has none); its finer timings go to results.json. COLMAP uses pycolmap's defaults on the CPU (extract_features, match_exhaustive, incremental_mapping),
-with its largest model scored, except for the camera grouping: COLMAP's `CameraMode.AUTO` gives every
+follow the model and COLMAP has none); its finer timings go to results.json. COLMAP uses pycolmap's defaults
+on the CPU (extract_features, match_exhaustive, incremental_mapping), with its largest model scored, except for the camera grouping: COLMAP's `CameraMode.AUTO` gives every
 EXIF-less image its own camera, and on temple_ring_full that alone costs COLMAP half its AUC@1 (11.8 vs 20.9:
 each view fits its own focal and a spurious radial term), so by default COLMAP gets one shared camera, the
 same assumption as recon's default `--camera-mode single`. `--colmap-camera-mode auto` restores COLMAP's own.
@@ -52,6 +52,8 @@ from PIL import Image
 from feature_backends.errors import ReconError
 from feature_backends.images import list_images
 from recon.eval import EvalResult, evaluate, load_ground_truth
+
+import benchlib  # scripts/benchlib.py, next to this file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -99,8 +101,8 @@ def median_row(runs: list[BenchRow]) -> BenchRow:
     if not finished:
         return runs[-1]
     totals = [sum(run.times.values()) for run in finished]
-    median_run = finished[sorted(range(len(finished)), key=totals.__getitem__)[(len(finished) - 1) // 2]]
-    times = {stage: statistics.median(run.times[stage] for run in finished) for stage in median_run.times}
+    median_run = finished[benchlib.median_run(totals)]
+    times = benchlib.median_fields([run.times for run in finished], list(median_run.times))
     return BenchRow(median_run.scene, median_run.method, median_run.setting, times, median_run.detail,
                     median_run.result, None, totals)
 
@@ -155,12 +157,14 @@ def run_recon(image_dir: Path, names: list[str], work: Path, max_size: int | Non
               verifier: str = "colmap") -> tuple[Path | None, dict, dict]:
     """`recon run` at its defaults (or with another geometric verifier), minus the exports (they come after the
     model and COLMAP has none)."""
-    from recon.pipeline import RunConfig, run  # imported lazily: the COLMAP half works without it
+    from recon.export import ExportOptions  # imported lazily: the COLMAP half works without recon
+    from recon.extract import ExtractOptions
+    from recon.pipeline import RunConfig, run
     from recon.sfm import SfMOptions
 
-    feature_conf = {} if max_size is None else {"resize_max": max_size}
-    result = run(image_dir, work, RunConfig(feature_conf=feature_conf, image_list=names, exports=(),
-                                            sfm=SfMOptions(verifier=verifier)))
+    config = RunConfig(extract=ExtractOptions(resize_max=max_size), export=ExportOptions(formats=()),
+                       image_list=names, sfm=SfMOptions(verifier=verifier))
+    result = run(image_dir, work, config)
     timings, sfm_timings = result.timings, result.sfm.timings
     times = {
         "extract": timings.get("extract", 0.0),
@@ -192,27 +196,26 @@ def bench_scene(scene: Scene, data_dir: Path, out_dir: Path, runners: dict[str, 
             print(f"[{scene.name}] skipping '{label}': images are already {largest_side}px or smaller", flush=True)
             continue
         runs: dict[str, list[BenchRow]] = {method: [] for method in runners}
-        for attempt in range(repeat):
-            for method, runner in runners.items():
-                row = BenchRow(scene.name, method, label)
-                work = out_dir / scene.name / f"{method}-{setting}"
-                if work.exists():
-                    shutil.rmtree(work)
-                work.mkdir(parents=True)
-                print(f"[{scene.name}] {method} ({label}) on {len(names)} images, run {attempt + 1}/{repeat} ...",
-                      flush=True)
-                try:
-                    model_dir, row.times, row.detail = runner(image_dir, names, work, limit)
-                    if model_dir is None:
-                        row.error = "no model"
-                    else:
-                        row.result = evaluate(model_dir, gt)
-                except ImportError as error:
-                    row.error = f"unavailable ({error})"
-                except (ReconError, RuntimeError) as error:  # one failed run must not lose the others' rows
-                    row.error = f"failed: {error}"
-                print(f"[{scene.name}] {method} ({label}): " + _summary(row), flush=True)
-                runs[method].append(row)
+        for attempt, method in benchlib.alternating(list(runners), repeat):
+            row = BenchRow(scene.name, method, label)
+            work = out_dir / scene.name / f"{method}-{setting}"
+            if work.exists():
+                shutil.rmtree(work)
+            work.mkdir(parents=True)
+            print(f"[{scene.name}] {method} ({label}) on {len(names)} images, run {attempt + 1}/{repeat} ...",
+                  flush=True)
+            try:
+                model_dir, row.times, row.detail = runners[method](image_dir, names, work, limit)
+                if model_dir is None:
+                    row.error = "no model"
+                else:
+                    row.result = evaluate(model_dir, gt)
+            except ImportError as error:
+                row.error = f"unavailable ({error})"
+            except (ReconError, RuntimeError) as error:  # one failed run must not lose the others' rows
+                row.error = f"failed: {error}"
+            print(f"[{scene.name}] {method} ({label}): " + _summary(row), flush=True)
+            runs[method].append(row)
         rows += [median_row(method_runs) for method_runs in runs.values()]
     return rows
 
@@ -255,14 +258,7 @@ def table_rows(rows: list[BenchRow]) -> tuple[list[str], list[list[str]]]:
 
 def format_table(rows: list[BenchRow], markdown: bool) -> str:
     header, body = table_rows(rows)
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in body]
-    return "\n".join(lines)
+    return benchlib.table(body, header, markdown=markdown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows += bench_scene(SCENES[name], args.data, out_dir, runners, args.settings, args.max_size, args.repeat)
         (out_dir / "results.json").write_text(json.dumps(
-            [{"scene": r.scene, "method": r.method, "setting": r.setting, "times": r.times, "total": r.total, "totals": r.totals, "detail": r.detail,
-              "error": r.error, "eval": r.result.to_dict() if r.result else None} for r in rows], indent=2))
+            [{"scene": r.scene, "method": r.method, "setting": r.setting, "times": r.times, "total": r.total,
+              "totals": r.totals, "detail": r.detail, "error": r.error,
+              "eval": r.result.to_dict() if r.result else None} for r in rows], indent=2))
         print()
         print(f"COLMAP camera mode: {args.colmap_camera_mode}; 'max' setting: {args.max_size}px; times in seconds"
               + (f", medians of {args.repeat} alternating runs (range of the totals)" if args.repeat > 1 else ""))

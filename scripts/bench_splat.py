@@ -30,6 +30,8 @@ import torch
 from feature_backends.errors import InputError
 from recon.splat import SplatConfig, find_model, splat
 
+import benchlib  # scripts/benchlib.py, next to this file
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "data" / "temple_ring"
 
@@ -78,18 +80,16 @@ def _train(out: Path, work: Path, label: str, config: SplatConfig) -> dict:
     }
 
 
-def _table(rows: list[dict]) -> str:
-    columns = [("run", "run", "{}"), ("strategy", "strategy", "{}"), ("size", "size", "{}"),
-               ("views", "train/test", "{}"), ("iterations", "iters", "{}"), ("it_per_s", "it/s", "{:.2f}"),
-               ("train_s", "train s", "{:.0f}"), ("psnr_init", "PSNR init", "{:.2f}"), ("psnr", "PSNR", "{:.2f}"),
-               ("train_psnr", "train PSNR", "{:.2f}"), ("ssim_init", "SSIM init", "{:.3f}"),
-               ("ssim", "SSIM", "{:.3f}"), ("gaussians", "Gaussians", "{}")]
-    cells = [[fmt.format(row[key]) for key, _, fmt in columns] for row in rows]
-    widths = [max(len(title), *(len(c[i]) for c in cells)) for i, (_, title, _) in enumerate(columns)]
-    lines = ["| " + " | ".join(title.ljust(w) for (_, title, _), w in zip(columns, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(cell, widths)) + " |" for cell in cells]
-    return "\n".join(lines)
+COLUMNS = [("run", "run"), ("strategy", "strategy"), ("size", "size"), ("views", "train/test"),
+           ("iterations", "iters"), ("it_per_s", "it/s"), ("train_s", "train s"), ("psnr_init", "PSNR init"),
+           ("psnr", "PSNR"), ("train_psnr", "train PSNR"), ("ssim_init", "SSIM init"), ("ssim", "SSIM"),
+           ("gaussians", "Gaussians")]
+FORMATS = {"it_per_s": "{:.2f}", "train_s": "{:.0f}", "psnr_init": "{:.2f}", "psnr": "{:.2f}", "train_psnr": "{:.2f}",
+           "ssim_init": "{:.3f}", "ssim": "{:.3f}"}
+
+
+def _table(rows: list[dict], markdown: bool) -> str:
+    return benchlib.table(rows, COLUMNS, markdown=markdown, formats=FORMATS)
 
 
 def main() -> None:
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--cuda-iterations", type=int, default=7000)
     parser.add_argument("--eval-every", type=int, default=8)
     parser.add_argument("--no-cpu", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown (README-ready)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -120,16 +121,16 @@ def main() -> None:
                 resolution_scale=args.cpu_resolution_scale, cpu_threads=args.cpu_threads,
                 curve_every=max(1, budget // 5), refine_start_iter=budget // 5, refine_every=max(1, budget // 6),
                 sh_degree_interval=max(1, budget // 4), checkpoint_every=budget)))
-            print(_table(rows[-1:]))
+            print(_table(rows[-1:], args.markdown))
         if torch.cuda.is_available():
             rows.append(_train(out, work, f"cuda-{strategy}", SplatConfig(
                 iterations=args.cuda_iterations, strategy=strategy, device="cuda", eval_every=args.eval_every,
                 resolution_scale=1)))
-            print(_table(rows[-1:]))
+            print(_table(rows[-1:], args.markdown))
     if not torch.cuda.is_available():
         print("(no CUDA on this machine: CUDA rows skipped)")
     print()
-    print(_table(rows))
+    print(_table(rows, args.markdown))
     (out / "bench_splat.json").write_text(json.dumps(rows, indent=2))
     print(f"\nresults → {out / 'bench_splat.json'}")
 

@@ -3,26 +3,24 @@ matcher, bounded memory over many pairs, and parity of our RoMa / DKMv3 paths wi
 
 from __future__ import annotations
 
-import hashlib
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pycolmap
 import pytest
 import torch
 from PIL import Image
-from scipy.spatial import cKDTree
 
 from feature_backends import registry
 from feature_backends.base import LocalFeatures
-from feature_backends.dense_warp import Warp, WarpMatcher, to_normalized
+from feature_backends.dense_warp import Warp
 from feature_backends.errors import ConfigError
 from feature_backends.store import FeatureReader, MatchReader
 from pairs.io import read_pairs, write_pairs
 from recon.dense import is_dense_matcher, match_dense, parse_matcher_name
 from recon.dense.anchored import anchor_matches
 from recon.extract import extract
+from recon.oracles import TranslationOracle, image_key, warp_from_function
 
 
 def dense_stage(conf, pairs, image_dir, features_path, matches_path, features=None, feature_conf=None):
@@ -35,121 +33,12 @@ def dense_stage(conf, pairs, image_dir, features_path, matches_path, features=No
     return features_path, match_dense(conf, pairs, image_dir, features_path, matches_path)
 
 
-def image_key(image: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(image, np.float32).tobytes()).hexdigest()
-
-
-def warp_from_function(mapping, size0, size1, step: int = 1):
-    """A normalised warp grid and certainty from a pixel → (pixel, valid) function, on a grid over image 0 of
-    one cell per `step` x `step` pixels (warps need not be at full resolution)."""
-    width0, height0 = size0
-    columns, rows = width0 // step, height0 // step
-    ys, xs = np.meshgrid((np.arange(rows) + 0.5) * height0 / rows - 0.5, (np.arange(columns) + 0.5) * width0 / columns
-                         - 0.5, indexing="ij")
-    points = np.stack([xs.ravel(), ys.ravel()], axis=1)
-    mapped, valid = mapping(points)
-    inside = valid & (mapped[:, 0] >= -0.5) & (mapped[:, 0] < size1[0] - 0.5) & (mapped[:, 1] >= -0.5) \
-        & (mapped[:, 1] < size1[1] - 0.5)
-    grid = to_normalized(mapped, size1).reshape(rows, columns, 2)
-    return torch.from_numpy(np.clip(grid, -1, 1)), torch.from_numpy(inside.reshape(rows, columns).astype(np.float32))
-
-
-class TranslationOracle(WarpMatcher):
-    """Images are crops of one canvas at known integer offsets: the exact warp is a translation."""
-
-    default_conf = {"offsets": [], "symmetric": True, "num_matches": 400}  # [[image key, x, y], ...]
-
-    def _init(self, conf) -> None:
-        self.offsets = {key: np.array([x, y], np.float64) for key, x, y in conf.offsets}
-
-    def warp_images(self, image0, image1) -> Warp:
-        offset0, offset1 = self.offsets[image_key(image0)], self.offsets[image_key(image1)]
-        size0, size1 = (image0.shape[1], image0.shape[0]), (image1.shape[1], image1.shape[0])
-        forward, certainty = warp_from_function(lambda p: (p + offset0 - offset1, np.ones(len(p), bool)), size0, size1)
-        warp = Warp(forward, certainty, size0, size1)
-        if self.conf.symmetric:
-            warp.backward, warp.backward_certainty = warp_from_function(
-                lambda p: (p + offset1 - offset0, np.ones(len(p), bool)), size1, size0)
-        return warp
-
-
-class SceneOracle(WarpMatcher):
-    """The ground truth of a recon.synthetic scene. pycolmap stamps the same 2D patch at each projected 3D point,
-    so only a point's projection is geometrically exact; pixels within `radius` (the drawn peak, 2 px) are
-    mapped with the point's translation and everything else is uncertain."""
-
-    default_conf = {"scene": "", "radius": 2, "symmetric": True, "num_matches": 2000, "grid_step": 1}
-
-    def _init(self, conf) -> None:
-        from feature_backends.images import read_image
-
-        scene = Path(conf.scene)
-        reconstruction = pycolmap.Reconstruction(scene / "gt")
-        self.projections, self.names = {}, {}
-        for image in reconstruction.images.values():
-            observed = {p.point3D_id: np.asarray(p.xy) - 0.5 for p in image.points2D if p.has_point3D()}
-            self.projections[image.name] = observed
-            self.names[image_key(read_image(scene / "images" / image.name))] = image.name
-
-    def _field(self, name0, name1, size0, size1):
-        points0, points1 = self.projections[name0], self.projections[name1]
-        ids = sorted(points0)
-        tree = cKDTree(np.array([points0[i] for i in ids]))
-        shift = np.array([points1[i] - points0[i] if i in points1 else (np.nan, np.nan) for i in ids])
-
-        def mapping(pixels):
-            # Only pixels near exactly one point: where peaks overlap, the one drawn last is unknown.
-            distance, nearest = tree.query(pixels, k=2, p=np.inf)
-            target = pixels + shift[nearest[:, 0]]
-            valid = (distance[:, 0] <= self.conf.radius) & (distance[:, 1] > self.conf.radius)
-            valid &= np.isfinite(target).all(axis=1)
-            return np.nan_to_num(target, nan=-10.0), valid
-
-        return warp_from_function(mapping, size0, size1, step=self.conf.grid_step)
-
-    def warp_images(self, image0, image1) -> Warp:
-        name0, name1 = self.names[image_key(image0)], self.names[image_key(image1)]
-        size0, size1 = (image0.shape[1], image0.shape[0]), (image1.shape[1], image1.shape[0])
-        warp = Warp(*self._field(name0, name1, size0, size1), size0, size1)
-        if self.conf.symmetric:
-            warp.backward, warp.backward_certainty = self._field(name1, name0, size1, size0)
-        return warp
-
-
-class PlaneOracle(WarpMatcher):
-    """The exact dense warp of a recon.synthetic plane scene: every pixel of one frame mapped into the other by
-    its ray-cast 3D point, certainty 1 where that point is seen in the other frame and 0 where it is occluded,
-    outside or on no surface. Sampling is the one RoMa's matchers use (random, certainty-thresholded,
-    KDE-balanced), so samples spread over the covisible area as a real matcher's do."""
-
-    default_conf = {"scene": "", "symmetric": True, "num_matches": 2000, "grid_step": 1}
-
-    def _init(self, conf) -> None:
-        from feature_backends.images import read_image
-        from recon.synthetic import load_plane_scene
-
-        self.scene = load_plane_scene(conf.scene)
-        self.index = {image_key(read_image(Path(conf.scene) / "images" / name)): i
-                      for i, name in enumerate(self.scene.names)}
-
-    def _field(self, index0, index1, size0, size1):
-        return warp_from_function(lambda p: self.scene.correspondence(index0, index1, p), size0, size1,
-                                  step=self.conf.grid_step)
-
-    def warp_images(self, image0, image1) -> Warp:
-        index0, index1 = self.index[image_key(image0)], self.index[image_key(image1)]
-        size0, size1 = (image0.shape[1], image0.shape[0]), (image1.shape[1], image1.shape[0])
-        warp = Warp(*self._field(index0, index1, size0, size1), size0, size1)
-        if self.conf.symmetric:
-            warp.backward, warp.backward_certainty = self._field(index1, index0, size1, size0)
-        return warp
-
-
 @pytest.fixture
 def oracles(monkeypatch):
-    monkeypatch.setitem(registry.BACKENDS["dense"], "translation-oracle", f"{__name__}:TranslationOracle")
-    monkeypatch.setitem(registry.BACKENDS["dense"], "scene-oracle", f"{__name__}:SceneOracle")
-    monkeypatch.setitem(registry.BACKENDS["dense"], "plane-oracle", f"{__name__}:PlaneOracle")
+    """Short names for the oracles of recon.oracles (scripts pass the dotted paths themselves)."""
+    monkeypatch.setitem(registry.BACKENDS["dense"], "translation-oracle", "recon.oracles:TranslationOracle")
+    monkeypatch.setitem(registry.BACKENDS["dense"], "scene-oracle", "recon.oracles:SceneOracle")
+    monkeypatch.setitem(registry.BACKENDS["dense"], "plane-oracle", "recon.oracles:PlaneOracle")
 
 
 @pytest.fixture
@@ -558,7 +447,7 @@ def test_anchored_propagation_resume_equals_an_uninterrupted_run(crops, oracles,
     with pytest.raises(KeyboardInterrupt):
         dense_stage(conf, pairs, image_dir, tmp_path / "f.h5", tmp_path / "m.h5")
     monkeypatch.undo()
-    monkeypatch.setitem(registry.BACKENDS["dense"], "translation-oracle", f"{__name__}:TranslationOracle")
+    monkeypatch.setitem(registry.BACKENDS["dense"], "translation-oracle", "recon.oracles:TranslationOracle")
     with MatchReader(tmp_path / "m.h5") as reader:
         stored = sum(reader.has(*pair) for pair in [("a.png", "b.png"), ("a.png", "c.png"), ("b.png", "c.png")])
     assert stored == (2 if interruption == "interrupt" else 1)

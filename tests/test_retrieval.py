@@ -301,27 +301,16 @@ def test_weights_listed():
 
 # ---------------------------------------------------------------- VLAD on real photos
 
-SCENES = ("fountain_p11", "sacre_coeur", "sceaux_castle", "temple_ring")
-
-
 @pytest.fixture(scope="module")
 def mixed_scenes(shared_data, tmp_path_factory):
-    """The scenes' photos in one folder, named <scene>__<file>, downscaled to 640 px (VLAD describes at 640 px
-    anyway; decoding 6-Mpixel originals would dominate the test's time)."""
-    from PIL import Image, ImageOps
+    """The four scenes' photos in one folder, named <scene>__<file>, downscaled to 640 px (recon.synthetic, shared
+    with scripts/bench_pairs.py)."""
+    from recon.synthetic import mixed_scenes
 
-    folder = tmp_path_factory.mktemp("mixed")
-    for scene in SCENES:
-        files = [f for f in sorted((shared_data / scene).rglob("*")) if f.suffix.lower() in (".jpg", ".png")]
-        if not files:
-            pytest.skip(f"{scene} has no images in {shared_data}")
-        for file in files:
-            with Image.open(file) as image:
-                image.draft("RGB", (640, 640))
-                image = ImageOps.exif_transpose(image).convert("RGB")
-                image.thumbnail((640, 640), Image.Resampling.LANCZOS)
-                image.save(folder / f"{scene}__{file.stem}.jpg", quality=95)
-    return folder
+    try:
+        return mixed_scenes(shared_data, tmp_path_factory.mktemp("mixed"))
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
 
 
 def within_scene_precision(scored) -> float:
