@@ -25,12 +25,16 @@ BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
         "disk": "feature_backends.disk:DISK",
         "aliked": "feature_backends.aliked:ALIKED",
         "gim-superpoint": "feature_backends.gim_lightglue:GIMSuperPoint",
+        "superpoint": "feature_backends.superpoint:SuperPoint",
+        "xfeat": "feature_backends.xfeat:XFeat",
     },
     "matcher": {
         "mnn": "feature_backends.nearest_neighbor:MutualNearestNeighbor",
         "dual-softmax": "feature_backends.dual_softmax:DualSoftmax",
         "lightglue": "feature_backends.lightglue:LightGlue",
         "gim-lightglue": "feature_backends.gim_lightglue:GIMLightGlue",
+        "minima-lightglue": "feature_backends.minima_lightglue:MinimaLightGlue",
+        "lighterglue": "feature_backends.xfeat:LighterGlue",
     },
     "dense": {
         "roma": "feature_backends.roma:RoMa",
@@ -39,6 +43,7 @@ BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
         "minima-roma": ("feature_backends.roma:RoMa", {"variant": "minima"}),
         "gim-roma": "feature_backends.gim:GIMRoMa",
         "gim-dkm": "feature_backends.gim:GIMDKM",
+        "xfeat-star": "feature_backends.xfeat:XFeatStar",
     },
     "global": {
         "vlad": "pairs.vlad:VLAD",
