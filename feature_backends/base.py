@@ -234,7 +234,8 @@ class LocalFeatures(Backend):
         resized, scale = resize_image(image, self.conf.resize_max, self.conf.resize_force, self.size_multiple)
         pred = {key: _to_numpy(value) for key, value in self._extract_image(resized).items()}
         keypoints = pred["keypoints"].reshape(-1, 2)
-        descriptors = pred["descriptors"].reshape(len(keypoints), -1)
+        descriptors = pred["descriptors"]  # (N, D); with no keypoint, D cannot be inferred from a -1
+        descriptors = descriptors.reshape(len(keypoints), -1 if len(keypoints) else descriptors.shape[-1])
         scores = pred["scores"].reshape(-1)
         # Further per-keypoint arrays (e.g. SIFT's scales and orientations) are kept and filtered alongside.
         extras = {k: v for k, v in pred.items() if k not in ("keypoints", "descriptors", "scores")}

@@ -224,6 +224,12 @@ def test_xfeat_matches_kornia(zoo_weights, texture, reference_xfeat):
     np.testing.assert_allclose(ours["descriptors"], ref["descriptors"].numpy().T, atol=1e-6)
 
 
+def test_xfeat_on_a_blank_image_gives_an_empty_feature_set(zoo_weights):
+    """A constant image has no strict heatmap maximum: 0 keypoints, descriptors (64, 0), not an error."""
+    features = get_backend("features", "xfeat", {"resize_max": None}).extract(np.full((64, 96, 1), 0.5, np.float32))
+    assert features["keypoints"].shape == (0, 2) and features["descriptors"].shape == (64, 0)
+
+
 def test_xfeat_star_matches_kornia(zoo_weights, texture, reference_xfeat):
     """Coarse mutual NN + fine refinement as kornia's match_xfeat_star, on images already at a multiple of 32."""
     image0, image1 = texture, np.roll(texture, 7, axis=1)
