@@ -56,7 +56,7 @@ class GIMSuperPoint(_StateDictBackend, SuperPoint):
             raise WeightsError("the GIM LightGlue checkpoint is not a dict")
         self.model = SuperPointNet()
         load_strict(self.model, strip_prefix(state, "superpoint."), "GIM SuperPoint weights")
-        self.model.eval().to(self.device)
+        self.prepare_network(self.model)
 
 
 class GIMLightGlue(LightGlue, _StateDictBackend):

@@ -9,7 +9,8 @@ Detection follows cvg's LightGlue extractor and hloc's (MagicLeap's SuperGlue co
 channels, depth-to-space to full resolution, NMS by max-pooling with two rounds of suppression (so a maximum next
 to a suppressed one survives), scores of the `remove_borders` outer pixels set to -1, threshold, top-k by score;
 descriptors are sampled bilinearly at the keypoints from the L2-normalised 1/8-resolution map with the "legacy"
-cell-centre mapping both use (hloc's `fix_sampling` is off by default), then renormalised.
+cell-centre mapping both use (hloc's `fix_sampling` is off by default), then renormalised. On CPU the network runs
+in channels_last layout (base.LocalFeatures), which changes its arithmetic in rounding only.
 
 Defaults are hloc's `superpoint_aachen` preset over hloc's SuperPoint defaults: 4096 keypoints, NMS radius 3,
 threshold 0.005, 4-pixel border, grayscale, longer side 1024 (INTER_AREA, no rounding of the sides, as hloc).
@@ -110,11 +111,13 @@ class SuperPoint(LocalFeatures):
         "remove_borders": 4,
     }
     weight_files: ClassVar[dict[str, Any]] = {"v1": (SUPERPOINT_V1,)}
+    #: oneDNN's direct NHWC convolutions: the network at 1024 px on 2 threads 1.41 → 0.92 s
+    channels_last = True
 
     def _init(self, conf: Conf) -> None:
         self.model = SuperPointNet()
         load_state_dict_strict(self.model, load_checkpoint(SUPERPOINT_V1, conf.weights), SUPERPOINT_V1.filename)
-        self.model.eval().to(self.device)
+        self.prepare_network(self.model)
 
     def _extract(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         if image.shape[1] == 3:  # the weights of cvg's and hloc's RGB → gray conversion
