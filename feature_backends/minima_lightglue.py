@@ -11,8 +11,9 @@ weights (a file of another layout is refused here with the keys it lacks).
 
 MINIMA's settings: LightGlue's defaults (filter threshold 0.1, depth 0.95, width 0.99), the same as recon's. Its
 extractor is cvg's SuperPoint with LightGlue's defaults (2048 keypoints, NMS radius 4, threshold 0.0005, longer side
-1024), which differ from recon's `superpoint` defaults (hloc's): to reproduce MINIMA's pipeline use
-`--features superpoint --conf max_keypoints=2048 nms_radius=4 detection_threshold=0.0005`. No SHA-256 is published.
+1024), which differ from recon's `superpoint` defaults (hloc's): to reproduce MINIMA's pipeline use `--features
+superpoint --conf max_keypoints=2048 --conf nms_radius=4 --conf detection_threshold=0.0005`. No SHA-256 is
+published.
 Licence: Apache-2.0 for MINIMA; the SuperPoint weights it runs on are MagicLeap's (non-commercial).
 """
 
