@@ -6,7 +6,7 @@ wrong or truncated file silently leaves layers random; here the legacy key names
 (`self_attn.<i>` / `cross_attn.<i>` → `transformers.<i>.*`, a leading `matcher.` stripped), and any missing or
 unexpected key is an error, except the `confidence_thresholds` buffer that LightGlue derives from its config.
 
-Feature types with official weights: sift, disk, aliked (cvg/LightGlue release v0.1_arxiv) and dedodeb, dedodeg
+Feature types with official weights: superpoint, sift, disk, aliked (cvg/LightGlue v0.1_arxiv) and dedodeb, dedodeg
 (trained by kornia's maintainers, hosted at cmp.felk.cvut.cz; kornia's URL table). The weights depend on the
 features, so the `features` key is required; `features_from_record` maps the record a recon features file keeps
 (backend name and conf) to it. SIFT's LightGlue also reads each keypoint's scale and orientation: the SIFT backend
@@ -37,6 +37,7 @@ from .weights import WeightFile, load_checkpoint, load_state_dict_strict
 _CVG = "https://github.com/cvg/LightGlue/releases/download/v0.1_arxiv"
 _CMP = "https://cmp.felk.cvut.cz/~mishkdmy/models"
 LIGHTGLUE_WEIGHTS = {
+    "superpoint": WeightFile("superpoint_lightglue.pth", f"{_CVG}/superpoint_lightglue.pth"),
     "sift": WeightFile("sift_lightglue.pth", f"{_CVG}/sift_lightglue.pth"),
     "disk": WeightFile("disk_lightglue.pth", f"{_CVG}/disk_lightglue.pth"),
     "aliked": WeightFile("aliked_lightglue.pth", f"{_CVG}/aliked_lightglue.pth"),
@@ -87,7 +88,7 @@ def rename_legacy_keys(state_dict: Mapping[str, torch.Tensor], n_layers: int) ->
 
 class LightGlue(SparseMatcher):
     default_conf = {
-        "features": None,  # sift | disk | aliked | dedodeb | dedodeg
+        "features": None,  # superpoint | sift | disk | aliked | dedodeb | dedodeg
         "weights": None,  # explicit checkpoint path
         "filter_threshold": 0.1,
         "depth_confidence": 0.95,  # early stopping; -1 disables
@@ -102,21 +103,26 @@ class LightGlue(SparseMatcher):
 
     weight_files: ClassVar[dict[str, Any]] = {name: (file,) for name, file in LIGHTGLUE_WEIGHTS.items()}
     variant_key = "features"
+    #: Checkpoint per feature type; a subclass with other weights for the same architecture (MINIMA's, XFeat's
+    #: LighterGlue) replaces it.
+    weight_table: ClassVar[dict[str, WeightFile]] = LIGHTGLUE_WEIGHTS
 
     def _init(self, conf) -> None:
-        if conf.features not in LIGHTGLUE_WEIGHTS:
+        if conf.features not in self.weight_table:
             raise ConfigError(
                 f"LightGlue needs the feature type its weights were trained for: set features to one of "
-                f"{', '.join(LIGHTGLUE_WEIGHTS)} (e.g. --matcher-conf features=disk); got {conf.features!r}"
+                f"{', '.join(self.weight_table)} (e.g. --matcher-conf features=disk); got {conf.features!r}"
             )
         self.features = conf.features
-        preset = {k: v for k, v in KorniaLightGlue.features[conf.features].items() if k != "weights"}
+        # kornia's preset minus what recon's conf sets (its xfeat preset carries thresholds of its own)
+        passed = ("weights", "filter_threshold", "depth_confidence", "width_confidence")
+        preset = {k: v for k, v in KorniaLightGlue.features[conf.features].items() if k not in passed}
         self.model = KorniaLightGlue(
             features=None, **preset, filter_threshold=conf.filter_threshold, depth_confidence=conf.depth_confidence,
             width_confidence=conf.width_confidence, flash=conf.flash,
             mp=self.device.type == "cuda" and conf.mixed_precision,
         )
-        weight = LIGHTGLUE_WEIGHTS[conf.features]
+        weight = self.weight_table[conf.features]
         state_dict = load_checkpoint(weight, conf.weights)
         if not isinstance(state_dict, Mapping):
             raise WeightsError(f"'{weight.filename}' is not a state dict (got {type(state_dict).__name__})")

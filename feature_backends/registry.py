@@ -27,6 +27,8 @@ BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
         "gim-superpoint": "feature_backends.gim_lightglue:GIMSuperPoint",
         "loma": "feature_backends.loma:LoMaFeatures",
         "omniglue": "feature_backends.omniglue:OmniGlueFeatures",
+        "superpoint": "feature_backends.superpoint:SuperPoint",
+        "xfeat": "feature_backends.xfeat:XFeat",
     },
     "matcher": {
         "mnn": "feature_backends.nearest_neighbor:MutualNearestNeighbor",
@@ -35,6 +37,8 @@ BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
         "gim-lightglue": "feature_backends.gim_lightglue:GIMLightGlue",
         "loma": "feature_backends.loma:LoMaMatcher",
         "omniglue": "feature_backends.omniglue:OmniGlueMatcher",
+        "minima-lightglue": "feature_backends.minima_lightglue:MinimaLightGlue",
+        "lighterglue": "feature_backends.xfeat:LighterGlue",
     },
     "dense": {
         "roma": "feature_backends.roma:RoMa",
@@ -51,6 +55,7 @@ BACKENDS: dict[str, dict[str, str | tuple[str, dict[str, Any]]]] = {
         "gim-loftr": "feature_backends.gim_loftr:GIMLoFTR",
         "imd": "unavailable",  # see UNAVAILABLE
         "romav2": "feature_backends.romav2:RoMaV2",
+        "xfeat-star": "feature_backends.xfeat:XFeatStar",
     },
     "global": {
         "vlad": "feature_backends.vlad:VLAD",

@@ -18,7 +18,8 @@ matcher's peak memory is not buried under the extractor's (DISK at 1600 px alone
 
 Without `--weights-dir` the networks get random weights of the official shapes (this machine has no pretrained
 files): speed and memory do not depend on the weight values, only on the keypoint counts, which random detectors
-still fill to `max_keypoints`. References: kornia for DeDoDe, DISK, ALIKED, LightGlue and MNN (`match_smnn`);
+still fill to `max_keypoints`. References: kornia for DeDoDe, DISK, ALIKED, XFeat, LightGlue (also LighterGlue) and MNN
+(`match_smnn`); for SuperPoint, cvg's copy inside the `dad-detector` wheel;
 for dual-softmax, the official `DualSoftMaxMatcher.match` rule written out in torch as the official code runs it
 (einsum, both softmaxes, `nonzero` of the mutual-max mask), since DeDoDe's matcher ships only in its git
 repository and kornia has no sparse dual-softmax. For DaD, the authors' package (`dad-detector`, `dad.load_DaD()`
@@ -40,22 +41,43 @@ import benchlib  # scripts/benchlib.py, next to this file
 
 REPO = Path(__file__).resolve().parents[1]
 
-EXTRACTORS = ("dedode", "dad", "disk", "aliked")
+EXTRACTORS = ("dedode", "dad", "disk", "aliked", "superpoint", "xfeat")
 # (matcher, features it runs on, matcher conf, features conf)
 MATCHERS = (
     ("mnn", "disk", {}, {}),
     ("dual-softmax", "dedode", {}, {}),
     ("lightglue", "disk", {"features": "disk"}, {}),
+    ("lightglue", "superpoint", {"features": "superpoint"}, {}),
+    ("lighterglue", "xfeat", {}, {}),
 )
+#: kornia's LightGlue configuration each matcher runs on a features type
+LIGHTGLUE_FEATURES = {("lightglue", "disk"): "disk", ("lightglue", "superpoint"): "superpoint",
+                      ("lighterglue", "xfeat"): "xfeat"}
+LIGHTGLUE_FILES = {"disk": "disk_lightglue.pth", "superpoint": "superpoint_lightglue.pth",
+                   "xfeat": "xfeat-lighterglue.pt"}
 
 
 def make_random_weights(folder: Path) -> None:
     import torch
-    from kornia.feature import ALIKED, DISK
+    from kornia.feature import ALIKED, DISK, XFeatModel
     from kornia.feature import LightGlue as KorniaLightGlue
     from kornia.feature.dedode.dedode_models import dedode_descriptor_B, dedode_detector_L
 
     from feature_backends.dad import dad_detector
+    from feature_backends.superpoint import SuperPointNet
+
+    def xfeat() -> dict:
+        """Unit-scale random weights with keypoint logits x3: fills 4096 keypoints at 1200 px (PyTorch's default
+        initialisation leaves every heatmap value under XFeat's 0.05 threshold, i.e. no keypoint at all)."""
+        from feature_backends.roma import random_state_dict
+
+        state = random_state_dict(XFeatModel(), seed=0)
+        state["keypoint_head.3.weight"] *= 3
+        return state
+
+    def lightglue(features: str) -> dict:
+        preset = {k: v for k, v in KorniaLightGlue.features[features].items() if k != "weights"}
+        return KorniaLightGlue(features=None, **preset).state_dict()
 
     torch.manual_seed(0)
     files = {
@@ -64,7 +86,9 @@ def make_random_weights(folder: Path) -> None:
         "dad.pth": lambda: dad_detector().state_dict(),
         "depth-save.pth": lambda: {"extractor": DISK().state_dict()},
         "aliked-n16.pth": lambda: ALIKED("aliked-n16").state_dict(),
-        "disk_lightglue.pth": lambda: KorniaLightGlue(features=None, input_dim=128).state_dict(),
+        "superpoint_v1.pth": lambda: SuperPointNet().state_dict(),
+        "xfeat.pt": xfeat,
+        **{file: (lambda f=features: lightglue(f)) for features, file in LIGHTGLUE_FILES.items()},
     }
     for name, build in files.items():
         if not (folder / name).exists():
@@ -87,9 +111,10 @@ def _ours_extract(name: str, conf: dict):
 
 
 def _reference_extract(name: str, conf: dict):
-    """kornia called directly, with the same resize; returns (callable(image), conf)."""
+    """kornia (cvg's SuperPoint from the dad-detector wheel) called directly, with the same resize; returns
+    (callable(image), conf)."""
     import torch
-    from kornia.feature import ALIKED, DISK, DeDoDe
+    from kornia.feature import ALIKED, DISK, DeDoDe, XFeat
 
     from feature_backends.images import resize_image
     from feature_backends.registry import resolve
@@ -113,6 +138,20 @@ def _reference_extract(name: str, conf: dict):
         run = model
     elif name == "dad":
         return _reference_dad(defaults, weights)
+    elif name == "superpoint":
+        try:
+            from dad.detectors.third_party.lightglue.superpoint import SuperPoint
+        except ImportError:
+            return None, None
+        state = torch.load(weights / "superpoint_v1.pth")
+        torch.hub.load_state_dict_from_url = lambda *args, **kwargs: state  # its constructor would download
+        model = SuperPoint(nms_radius=defaults["nms_radius"], detection_threshold=defaults["detection_threshold"],
+                           max_num_keypoints=max_keypoints)
+        run = lambda x: model({"image": x})  # noqa: E731
+    elif name == "xfeat":
+        model = XFeat(top_k=max_keypoints)
+        model.net.load_state_dict(torch.load(weights / "xfeat.pt"))
+        run = model.detectAndCompute
     else:
         return None, None
     model.eval()
@@ -199,11 +238,12 @@ def measure_matching(side: str, matcher: str, features: str, matcher_conf: dict,
     if side == "ours":
         model = get_backend("matcher", matcher, matcher_conf, device="cpu")
         run = lambda a, b: model.match(a, b)  # noqa: E731
-    elif matcher == "lightglue":
+    elif (matcher, features) in LIGHTGLUE_FEATURES:
         from kornia.feature import LightGlue
 
-        model = LightGlue(features=None, input_dim=128)
-        model.load_state_dict(torch.load(Path(os.environ["RECON_WEIGHTS_DIR"]) / f"{features}_lightglue.pth"),
+        kind = LIGHTGLUE_FEATURES[matcher, features]
+        model = LightGlue(features=None, **{k: v for k, v in LightGlue.features[kind].items() if k != "weights"})
+        model.load_state_dict(torch.load(Path(os.environ["RECON_WEIGHTS_DIR"]) / LIGHTGLUE_FILES[kind]),
                               strict=False)
         model.eval()
 
@@ -270,7 +310,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side; medians are reported")
     parser.add_argument("--weights-dir", type=Path, help="folder with the real weight files (default: random)")
-    parser.add_argument("--only", nargs="*", help="backends to run (default: all)")
+    parser.add_argument("--only", nargs="*", help="backends to run, a matcher also as MATCHER:FEATURES (default: all)")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -299,7 +339,7 @@ def main() -> int:
         rows.append((f"{name} (extract)", f"{ours['resize_max']} px, {ours['max_keypoints']} kp", "img/s", ours, ref))
     features_dir = Path(tempfile.mkdtemp(prefix="recon-bench-features-"))
     for matcher, features, matcher_conf, _ in MATCHERS:
-        if args.only and matcher not in args.only:
+        if args.only and matcher not in args.only and f"{matcher}:{features}" not in args.only:
             continue
         features_file = str(features_dir / f"{features}.npz")
         if not Path(features_file).exists():

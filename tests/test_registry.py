@@ -138,6 +138,30 @@ def _onnx_graph(name: str):
     return write
 
 
+def _superpoint():
+    from feature_backends.superpoint import SuperPointNet
+
+    return SuperPointNet().state_dict()
+
+
+def _xfeat():
+    from kornia.feature import XFeatModel
+
+    from feature_backends.roma import random_state_dict
+
+    state = random_state_dict(XFeatModel(), seed=4)
+    state["fine_matcher.12.weight"] *= 20  # peaked offset logits, so XFeat*'s 0.25 confidence keeps matches
+    return state
+
+
+def _legacy_lightglue(features: str, prefix: str = ""):
+    def make():
+        from test_zoo_sparse import legacy_lightglue_state  # cvg's v0.1_arxiv key names
+
+        return {prefix + k: v for k, v in legacy_lightglue_state(features, seed=2).items()}
+    return make
+
+
 def _netvlad_mat(path: Path) -> None:
     from test_retrieval import write_netvlad_mat
 
@@ -180,7 +204,17 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("features", "omniglue"): Recipe(preflight_only=("sp_v6.onnx", "dinov2_vitb14_pretrain.pth"),
                                      why="DINOv2 ViT-B/14 random weights are 350 MB to write; tests/test_omniglue.py "
                                          "runs it with a one-block ViT"),
+    ("features", "superpoint"): Recipe({**SMALL, "resize_max": 128, "detection_threshold": 0.0},
+                                       {"superpoint_v1.pth": _superpoint}),
+    ("features", "xfeat"): Recipe({**SMALL, "resize_max": 128, "detection_threshold": 0.0}, {"xfeat.pt": _xfeat}),
     ("matcher", "mnn"): Recipe(features=("sift", SMALL)),
+    ("matcher", "minima-lightglue"): Recipe({"filter_threshold": 0.0},
+                                            {"minima_lightglue.pth": _legacy_lightglue("superpoint")},
+                                            features=("superpoint", {**SMALL, "resize_max": 128,
+                                                                     "detection_threshold": 0.0})),
+    ("matcher", "lighterglue"): Recipe({"filter_threshold": 0.0},
+                                       {"xfeat-lighterglue.pt": _legacy_lightglue("xfeat", "matcher.")},
+                                       features=("xfeat", {**SMALL, "resize_max": 128, "detection_threshold": 0.0})),
     ("matcher", "loma"): Recipe({"min_score": 0.0}, {"loma_matcher_B.onnx": _onnx_graph("nearest_position_matcher")},
                                 writes_file=frozenset({"loma_matcher_B.onnx"}),
                                 features=("loma", {"max_keypoints": 32, "resize_max": 128})),
@@ -196,6 +230,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("dense", "gim-roma"): Recipe(preflight_only=("gim_roma_100h.ckpt", DINOV2), why=ROMA_NOT_BUILT),
     ("dense", "romav2"): Recipe(preflight_only=("romav2.0.1.pt",),
                                 why="DINOv3 ViT-L/16 inside; tests/test_romav2.py builds it (meta device) for parity"),
+    ("dense", "xfeat-star"): Recipe({"resize_max": 128}, {"xfeat.pt": _xfeat}),
     ("dense", "tiny-roma"): Recipe({"resize_max": 128, "num_matches": 500},
                                    {"tiny_roma_v1_outdoor.pth": _tiny_roma}),
     ("dense", "gim-dkm"): Recipe({"coarse_res": [64, 96], "upsample": False, "num_matches": 500},
