@@ -131,8 +131,8 @@ def test_sfm_in_a_fresh_process_equals_sfm_here_and_returns_its_errors(synthetic
         twin = model_there.find_image_with_name(image.name)
         np.testing.assert_allclose(image.projection_center(), twin.projection_center(), atol=1e-6)
     # An error raised inside the child reaches the caller with its class and message.
-    with pytest.raises(ConfigError, match="unknown pycolmap option 'no_such_option'"):
-        reconstruct(tmp_path / "bad", *inputs, options=SfMOptions(mapper_options={"no_such_option": 1}))
+    with pytest.raises(ConfigError, match="unknown pycolmap option 'incremental.no_such_option'"):
+        reconstruct(tmp_path / "bad", *inputs, options=SfMOptions(mapper_options={"incremental.no_such_option": 1}))
 
 
 def test_camera_modes_and_exif_focal(tmp_path):

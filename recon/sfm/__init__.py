@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -30,25 +30,36 @@ from pairs.io import read_pairs
 from ..options import option, to_dict
 from .calibration import refine_principal_points
 from .database import CameraMode, import_features, import_matches
-from .mapping import model_stats, pipeline_options, run_mapper, write_models
+from .auto import map_scene
+from .mapping import model_stats, pipeline_options, write_models
 from .verification import verification_error, verify_matches
 
 logger = logging.getLogger(__name__)
 
 _STAMP = "sfm_inputs.json"
+_ENGINE = "engine.json"  # which engine made sparse/, and why
 
 
 @dataclass
 class SfMOptions:
     camera_mode: CameraMode = option("single", flags=("--camera-mode",), help="images sharing one camera: all of a size, per sub-folder, or none")
     camera_model: str = option("SIMPLE_RADIAL", flags=("--camera-model",), help="COLMAP camera model (SIMPLE_RADIAL, OPENCV, …)")
-    mapper: Literal["incremental", "global"] = option(
-        "incremental", flags=("--mapper",),
-        help="pycolmap's incremental mapper, or its global mapper (GLOMAP merged into COLMAP)")
+    mapper: Literal["incremental", "global", "hierarchical", "auto"] = option(
+        "auto", flags=("--mapper",),
+        help="pycolmap's incremental mapper, its global mapper (GLOMAP; view-graph calibration first when focal "
+             "lengths are guesses), its hierarchical mapper (clusters mapped in parallel, then merged), or auto: "
+             "both global and incremental, keeping the model with more views (ties: lower reprojection error "
+             "unless it lost its points; recon.sfm.auto has the measurements)")
     mapper_options: dict = option(
         default_factory=dict, flags=("--mapper-option",),
-        help="a field of pycolmap's IncrementalPipelineOptions (incremental) or GlobalPipelineOptions (global), "
-             "e.g. mapper.init_min_num_inliers=50 or global_mapper.… ; checked before any work")
+        help="a field of pycolmap's IncrementalPipelineOptions / GlobalPipelineOptions / "
+             "HierarchicalPipelineOptions (the engine --mapper names), optionally prefixed by the engine "
+             "(required with auto): incremental.mapper.init_min_num_inliers=50, global.mapper.ba_num_iterations=2, "
+             "hierarchical.num_workers=2, hierarchical.clustering_options.leaf_max_num_images=200, "
+             "view_graph_calibration.…; checked before any work")
+    view_graph_calibration: Literal["auto", "always", "never"] = option(
+        "auto", help="global mapper: estimate focal lengths from the view graph first (pycolmap's "
+                     "calibrate_view_graph); 'auto' when some camera's focal length is a guess (no EXIF)")
     min_match_score: float | None = option(None, help="drop raw matches scoring at or below this before import")
     num_threads: int = option(-1, help="COLMAP threads (-1: all cores)")
     random_seed: int = option(0, help="RANSAC and mapper seed")
@@ -83,6 +94,9 @@ class SfMResult:
     mean_reprojection_error: float
     num_models: int
     timings: dict[str, float]
+    engine: str = ""  # the mapping engine whose model was kept
+    engine_reason: str = ""  # why (auto: what each engine registered)
+    engine_runs: dict[str, dict] = field(default_factory=dict)  # per engine run: registered, models, points, …
 
     def to_dict(self) -> dict:
         return {**asdict(self), "sparse_dir": str(self.sparse_dir)}
@@ -155,8 +169,10 @@ def reconstruct(
     if model_dir.is_dir() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
         logger.info("Reconstruction in %s is up to date with its inputs; not re-mapping", model_dir)
         num_images = len(list_feature_names(inputs.features))
+        engine_path = inputs.work_dir / _ENGINE
+        engine = json.loads(engine_path.read_text()) if engine_path.is_file() else {}
         return SfMResult(model_dir, num_images, num_models=len(list(inputs.sparse_root.iterdir())), timings={},
-                         **model_stats(pycolmap.Reconstruction(model_dir)))
+                         **model_stats(pycolmap.Reconstruction(model_dir)), **engine)
     if options.fresh_process and sys.executable:  # an embedded interpreter has no executable to start
         from .process import reconstruct_in_fresh_process
 
@@ -215,10 +231,11 @@ def _reconstruct(inputs: SfMInputs, options: SfMOptions) -> SfMResult:
     counts = _import_and_verify(inputs, options, database, timings)
 
     start = time.perf_counter()
-    mapper = pipeline_options(options.mapper, options.mapper_options, counts["images"], options.num_threads,
-                              options.random_seed)
-    models = run_mapper(options.mapper, mapper, database, inputs.image_dir, inputs.work_dir / "models.partial",
-                        counts["images"])
+    sections = pipeline_options(options.mapper, options.mapper_options, counts["images"], options.num_threads,
+                                options.random_seed)
+    choice = map_scene(options.mapper, sections, database, inputs.image_dir, inputs.work_dir / "models.partial",
+                       counts["images"], options.view_graph_calibration)
+    models = choice.models
     timings["map"] = time.perf_counter() - start
     if not models:
         raise ReconError(
@@ -234,5 +251,7 @@ def _reconstruct(inputs: SfMInputs, options: SfMOptions) -> SfMResult:
     if len(models) > 1:
         logger.warning("The scene split into %d models; the largest (%d images) is sparse/0",
                        len(models), models[0].num_reg_images())
+    engine = {"engine": choice.engine, "engine_reason": choice.reason, "engine_runs": choice.runs}
+    (inputs.work_dir / _ENGINE).write_text(json.dumps(engine, indent=2))
     return SfMResult(model_dir, len(list_feature_names(inputs.features)), num_models=len(models), timings=timings,
-                     **model_stats(models[0]))
+                     **model_stats(models[0]), **engine)
