@@ -144,9 +144,9 @@ def enu_to_wgs84(origin: tuple[float, float, float], enu: np.ndarray) -> np.ndar
 
 
 def camera_enu(spec: RingSpec, cameras) -> np.ndarray:
-    """True camera centres in east-north-up metres: world x -> east, world -z -> north, world -y -> up."""
+    """True camera centres in east-north-up metres: world x -> east, z -> north, -y -> up (a rotation)."""
     centres = np.array([-R.T @ t for R, t in cameras])
-    return np.stack([centres[:, 0], -centres[:, 2], -centres[:, 1]], axis=1)
+    return np.stack([centres[:, 0], centres[:, 2], -centres[:, 1]], axis=1)
 
 
 def _write_images(image_dir: Path, spec: RingSpec, cameras, rng: np.random.Generator) -> None:

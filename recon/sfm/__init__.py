@@ -23,7 +23,7 @@ from typing import Literal
 
 import pycolmap
 
-from feature_backends.errors import InputError, ReconError
+from feature_backends.errors import ConfigError, InputError, ReconError
 from feature_backends.store import list_feature_names
 from pairs.io import read_pairs
 
@@ -32,6 +32,7 @@ from .calibration import refine_principal_points
 from .database import CameraMode, import_features, import_matches
 from .auto import map_scene
 from .mapping import model_stats, pipeline_options, write_models
+from .priors import align_to_priors
 from .verification import verification_error, verify_matches
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,11 @@ class SfMOptions:
     view_graph_calibration: Literal["auto", "always", "never"] = option(
         "auto", help="global mapper: estimate focal lengths from the view graph first (pycolmap's "
                      "calibrate_view_graph); 'auto' when some camera's focal length is a guess (no EXIF)")
+    use_pose_priors: bool = option(
+        False, flags=("--use-pose-priors",),
+        help="use EXIF GPS: the incremental mapper adds the positions to its bundle adjustment, and every model "
+             "is aligned to them (metric, in an east-north-up frame whose origin run.json records)")
+    pose_prior_std: float = option(5.0, help="GPS accuracy in metres (the priors' standard deviation)")
     min_match_score: float | None = option(None, help="drop raw matches scoring at or below this before import")
     num_threads: int = option(-1, help="COLMAP threads (-1: all cores)")
     random_seed: int = option(0, help="RANSAC and mapper seed")
@@ -77,6 +83,8 @@ class SfMOptions:
     def check(self, num_images: int = 100) -> None:
         """Every option valid, pycolmap's included: called before any stage runs."""
         pipeline_options(self.mapper, self.mapper_options, num_images, self.num_threads, self.random_seed)
+        if not self.pose_prior_std > 0:
+            raise ConfigError(f"--sfm.pose-prior-std must be positive metres, got {self.pose_prior_std}")
         try:
             pycolmap.CameraModelId(pycolmap.CameraModelId.__members__[self.camera_model])
         except KeyError:
@@ -97,6 +105,7 @@ class SfMResult:
     engine: str = ""  # the mapping engine whose model was kept
     engine_reason: str = ""  # why (auto: what each engine registered)
     engine_runs: dict[str, dict] = field(default_factory=dict)  # per engine run: registered, models, points, …
+    georeference: dict | None = None  # with use_pose_priors: the ENU frame's WGS84 origin, scale, residual
 
     def to_dict(self) -> dict:
         return {**asdict(self), "sparse_dir": str(self.sparse_dir)}
@@ -204,7 +213,7 @@ def _import_and_verify(inputs: SfMInputs, options: SfMOptions, database: Path, t
     start = time.perf_counter()
     pairs = read_pairs(inputs.pairs)
     image_ids = import_features(database, inputs.image_dir, inputs.features, options.camera_mode,
-                                options.camera_model)
+                                options.camera_model, prior_std=options.pose_prior_std)
     match_counts = import_matches(database, image_ids, pairs, inputs.matches, options.min_match_score)
     timings["import"] = time.perf_counter() - start
     logger.info("Imported %d pairs with %d raw matches", len(pairs), sum(match_counts.values()))
@@ -232,7 +241,7 @@ def _reconstruct(inputs: SfMInputs, options: SfMOptions) -> SfMResult:
 
     start = time.perf_counter()
     sections = pipeline_options(options.mapper, options.mapper_options, counts["images"], options.num_threads,
-                                options.random_seed)
+                                options.random_seed, options.use_pose_priors)
     choice = map_scene(options.mapper, sections, database, inputs.image_dir, inputs.work_dir / "models.partial",
                        counts["images"], options.view_graph_calibration)
     models = choice.models
@@ -247,11 +256,15 @@ def _reconstruct(inputs: SfMInputs, options: SfMOptions) -> SfMResult:
         models = [refine_principal_points(model, force=options.refine_principal_point == "always")[0]
                   for model in models]
         timings["calibrate"] = time.perf_counter() - start
+    engine_extra = {}
+    if options.use_pose_priors:  # every model into the GPS frame; the largest one's alignment is recorded
+        alignments = [align_to_priors(model, database, options.pose_prior_std) for model in models]
+        engine_extra["georeference"] = alignments[0]
     model_dir = write_models(models, inputs.sparse_root)
     if len(models) > 1:
         logger.warning("The scene split into %d models; the largest (%d images) is sparse/0",
                        len(models), models[0].num_reg_images())
-    engine = {"engine": choice.engine, "engine_reason": choice.reason, "engine_runs": choice.runs}
+    engine = {"engine": choice.engine, "engine_reason": choice.reason, "engine_runs": choice.runs, **engine_extra}
     (inputs.work_dir / _ENGINE).write_text(json.dumps(engine, indent=2))
     return SfMResult(model_dir, len(list_feature_names(inputs.features)), num_models=len(models), timings=timings,
                      **model_stats(models[0]), **engine)

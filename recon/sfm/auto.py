@@ -65,7 +65,8 @@ def _summary(models: list[pycolmap.Reconstruction], seconds: float) -> dict:
         "registered": best.num_reg_images() if best else 0,
         "models": len(models),
         "points": best.num_points3D() if best else 0,
-        "reprojection_error": round(best.compute_mean_reprojection_error(), 4) if best and best.num_points3D() else None,
+        "reprojection_error": (round(best.compute_mean_reprojection_error(), 4)
+                               if best and best.num_points3D() else None),
         "seconds": round(seconds, 2),
     }
 

@@ -78,7 +78,8 @@ def _new_options(section: str, num_images: int, num_threads: int, random_seed: i
         options.num_workers = 1 if num_threads == 1 else -1
         inner = options.incremental_options
     else:
-        options = pycolmap.IncrementalPipelineOptions() if section == "incremental" else pycolmap.GlobalPipelineOptions()
+        options = (pycolmap.IncrementalPipelineOptions() if section == "incremental"
+                   else pycolmap.GlobalPipelineOptions())
         inner = options
     inner.num_threads = num_threads
     inner.random_seed = random_seed
@@ -87,13 +88,18 @@ def _new_options(section: str, num_images: int, num_threads: int, random_seed: i
     return options
 
 
-def pipeline_options(mapper: str, overrides: dict, num_images: int, num_threads: int,
-                     random_seed: int) -> dict[str, Any]:
+def pipeline_options(mapper: str, overrides: dict, num_images: int, num_threads: int, random_seed: int,
+                     use_pose_priors: bool = False) -> dict[str, Any]:
     """pycolmap's option objects for `mapper`, by section (engine name or 'view_graph_calibration'), with the
     user's overrides checked field by field."""
     if mapper not in MAPPERS:
         raise ConfigError(f"unknown mapper '{mapper}'; known: {', '.join(MAPPERS)}")
     sections = {name: _new_options(name, num_images, num_threads, random_seed) for name in _SECTIONS[mapper]}
+    # GPS in the incremental bundle adjustment (the global mapper has no prior term: its model is aligned after).
+    for name, section in sections.items():
+        if use_pose_priors and name in ("incremental", "hierarchical"):
+            inner = section.incremental_options if name == "hierarchical" else section
+            inner.use_prior_position = inner.use_robust_loss_on_prior_position = True
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if head in (*ENGINES, _CALIBRATION):
