@@ -138,12 +138,16 @@ def run_colmap(image_dir: Path, names: list[str], work: Path, max_size: int | No
     return largest_model(models_root), times, {}
 
 
-def run_recon(image_dir: Path, names: list[str], work: Path, max_size: int | None) -> tuple[Path | None, dict, dict]:
-    """`recon run` at its defaults, minus the exports (they come after the model and COLMAP has none)."""
+def run_recon(image_dir: Path, names: list[str], work: Path, max_size: int | None,
+              mapper: str | None = None) -> tuple[Path | None, dict, dict]:
+    """`recon run` at its defaults (or with `mapper`), minus the exports (they come after the model and COLMAP
+    has none)."""
     from recon.pipeline import RunConfig, run  # imported lazily: the COLMAP half works without it
+    from recon.sfm import SfMOptions
 
     feature_conf = {} if max_size is None else {"resize_max": max_size}
-    result = run(image_dir, work, RunConfig(feature_conf=feature_conf, image_list=names, exports=()))
+    sfm = SfMOptions() if mapper is None else SfMOptions(mapper=mapper)
+    result = run(image_dir, work, RunConfig(feature_conf=feature_conf, image_list=names, exports=(), sfm=sfm))
     timings, sfm_timings = result.timings, result.sfm.timings
     times = {
         "extract": timings.get("extract", 0.0),
@@ -259,11 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each pipeline N times, alternating; report medians and the range of the totals")
     parser.add_argument("--verbose", action="store_true", help="keep COLMAP's INFO log on stderr")
+    parser.add_argument("--engines", nargs="*", default=[], choices=["incremental", "global", "hierarchical", "auto"],
+                        help="also run recon with each of these mappers (rows 'recon[ENGINE]'; 'recon' is the default, "
+                             "auto)")
     args = parser.parse_args(argv)
 
     camera_mode = getattr(pycolmap.CameraMode, args.colmap_camera_mode.upper())
     runners = {"colmap": functools.partial(run_colmap, camera_mode=camera_mode), "recon": run_recon}
     runners = {name: runners[name] for name in args.methods}
+    runners.update({f"recon[{engine}]": functools.partial(run_recon, mapper=engine) for engine in args.engines})
     if not args.verbose:
         pycolmap.logging.minloglevel = 1  # COLMAP's per-image INFO lines would bury the table
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="bench_sfm_"))
