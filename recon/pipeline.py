@@ -150,6 +150,7 @@ class RunResult:
             f"  images       {sfm.num_registered} / {self.num_images} registered"
             + (f" ({sfm.num_models} models)" if sfm.num_models > 1 else ""),
             f"  pairs        {self.num_pairs} ({self.pairs_method})",
+            f"  mapper       {sfm.engine}" + (f" ({sfm.engine_reason})" if sfm.engine_reason else ""),
             f"  points       {sfm.num_points}",
             f"  track length {sfm.mean_track_length:.2f} (mean)",
             f"  reproj error {sfm.mean_reprojection_error:.3f} px (mean)",

@@ -154,16 +154,17 @@ def verified_pairs(database: Path) -> int | None:
 
 
 def run_recon(image_dir: Path, names: list[str], work: Path, max_size: int | None,
-              verifier: str = "colmap") -> tuple[Path | None, dict, dict]:
-    """`recon run` at its defaults (or with another geometric verifier), minus the exports (they come after the
-    model and COLMAP has none)."""
+              verifier: str = "colmap", mapper: str | None = None) -> tuple[Path | None, dict, dict]:
+    """`recon run` at its defaults (or with another geometric verifier or mapper), minus the exports (they come
+    after the model and COLMAP has none)."""
     from recon.export import ExportOptions  # imported lazily: the COLMAP half works without recon
     from recon.extract import ExtractOptions
     from recon.pipeline import RunConfig, run
     from recon.sfm import SfMOptions
 
+    sfm = SfMOptions(verifier=verifier) if mapper is None else SfMOptions(verifier=verifier, mapper=mapper)
     config = RunConfig(extract=ExtractOptions(resize_max=max_size), export=ExportOptions(formats=()),
-                       image_list=names, sfm=SfMOptions(verifier=verifier))
+                       image_list=names, sfm=sfm)
     result = run(image_dir, work, config)
     timings, sfm_timings = result.timings, result.sfm.timings
     times = {
@@ -278,12 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verifiers", nargs="+", default=[], choices=["colmap", "magsac", "poselib"],
                         help="add a recon row per geometric verifier (method 'recon/<verifier>')")
     parser.add_argument("--verbose", action="store_true", help="keep COLMAP's INFO log on stderr")
+    parser.add_argument("--engines", nargs="*", default=[], choices=["incremental", "global", "hierarchical", "auto"],
+                        help="also run recon with each of these mappers (rows 'recon[ENGINE]'; 'recon' is the default, "
+                             "auto)")
     args = parser.parse_args(argv)
 
     camera_mode = getattr(pycolmap.CameraMode, args.colmap_camera_mode.upper())
     runners = {"colmap": functools.partial(run_colmap, camera_mode=camera_mode), "recon": run_recon}
     runners = {name: runners[name] for name in args.methods}
     runners.update({f"recon/{name}": functools.partial(run_recon, verifier=name) for name in args.verifiers})
+    runners.update({f"recon[{engine}]": functools.partial(run_recon, mapper=engine) for engine in args.engines})
     if not args.verbose:
         pycolmap.logging.minloglevel = 1  # COLMAP's per-image INFO lines would bury the table
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="bench_sfm_"))

@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -30,13 +30,16 @@ from pairs.io import read_pairs
 from ..options import option, to_dict
 from .calibration import refine_principal_points
 from .database import CameraMode, import_features, import_matches
-from .mapping import model_stats, pipeline_options, run_mapper, write_models
+from .auto import map_scene
+from .mapping import model_stats, pipeline_options, write_models
+from .priors import align_to_priors
 from .verification import verification_error
 from .verifiers import VerifierSettings, verify
 
 logger = logging.getLogger(__name__)
 
 _STAMP = "sfm_inputs.json"
+_ENGINE = "engine.json"  # which engine made sparse/, and why
 
 
 @dataclass
@@ -44,13 +47,27 @@ class SfMOptions:
     camera_mode: CameraMode = option("single", flags=("--camera-mode",), help="images sharing one camera: all of a size, per sub-folder, or none")
     camera_model: str = option("SIMPLE_RADIAL", flags=("--camera-model",),
                                help="COLMAP camera model (SIMPLE_RADIAL, OPENCV, OPENCV_FISHEYE, …)")
-    mapper: Literal["incremental", "global"] = option(
+    mapper: Literal["incremental", "global", "hierarchical", "auto"] = option(
         "incremental", flags=("--mapper",),
-        help="pycolmap's incremental mapper, or its global mapper (GLOMAP merged into COLMAP)")
+        help="pycolmap's incremental mapper, its global mapper (GLOMAP; view-graph calibration first when focal "
+             "lengths are guesses), its hierarchical mapper (clusters mapped in parallel, then merged), or auto: "
+             "both global and incremental, keeping the model with more views (ties: lower reprojection error "
+             "unless it lost its points; recon.sfm.auto has the measurements)")
     mapper_options: dict = option(
         default_factory=dict, flags=("--mapper-option",),
-        help="a field of pycolmap's IncrementalPipelineOptions (incremental) or GlobalPipelineOptions (global), "
-             "e.g. mapper.init_min_num_inliers=50 or global_mapper.… ; checked before any work")
+        help="a field of pycolmap's IncrementalPipelineOptions / GlobalPipelineOptions / "
+             "HierarchicalPipelineOptions (the engine --mapper names), optionally prefixed by the engine "
+             "(required with auto): incremental.mapper.init_min_num_inliers=50, global.mapper.ba_num_iterations=2, "
+             "hierarchical.num_workers=2, hierarchical.clustering_options.leaf_max_num_images=200, "
+             "view_graph_calibration.…; checked before any work")
+    view_graph_calibration: Literal["auto", "always", "never"] = option(
+        "auto", help="global mapper: estimate focal lengths from the view graph first (pycolmap's "
+                     "calibrate_view_graph); 'auto' when some camera's focal length is a guess (no EXIF)")
+    use_pose_priors: bool = option(
+        False, flags=("--use-pose-priors",),
+        help="use EXIF GPS: the incremental mapper adds the positions to its bundle adjustment, and every model "
+             "is aligned to them (metric, in an east-north-up frame whose origin run.json records)")
+    pose_prior_std: float = option(5.0, help="GPS accuracy in metres (the priors' standard deviation)")
     min_match_score: float | None = option(None, help="drop raw matches scoring at or below this before import")
     num_threads: int = option(-1, help="COLMAP threads (-1: all cores)")
     random_seed: int = option(0, help="RANSAC and mapper seed")
@@ -77,6 +94,8 @@ class SfMOptions:
         """Every option valid, pycolmap's included: called before any stage runs."""
         pipeline_options(self.mapper, self.mapper_options, num_images, self.num_threads, self.random_seed)
         verifier_settings(self).check()
+        if not self.pose_prior_std > 0:
+            raise ConfigError(f"--sfm.pose-prior-std must be positive metres, got {self.pose_prior_std}")
         try:
             pycolmap.CameraModelId(pycolmap.CameraModelId.__members__[self.camera_model])
         except KeyError:
@@ -94,6 +113,10 @@ class SfMResult:
     mean_reprojection_error: float
     num_models: int
     timings: dict[str, float]
+    engine: str = ""  # the mapping engine whose model was kept
+    engine_reason: str = ""  # why (auto: what each engine registered)
+    engine_runs: dict[str, dict] = field(default_factory=dict)  # per engine run: registered, models, points, …
+    georeference: dict | None = None  # with use_pose_priors: the ENU frame's WGS84 origin, scale, residual
 
     def to_dict(self) -> dict:
         return {**asdict(self), "sparse_dir": str(self.sparse_dir)}
@@ -166,8 +189,10 @@ def reconstruct(
     if model_dir.is_dir() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
         logger.info("Reconstruction in %s is up to date with its inputs; not re-mapping", model_dir)
         num_images = len(list_feature_names(inputs.features))
+        engine_path = inputs.work_dir / _ENGINE
+        engine = json.loads(engine_path.read_text()) if engine_path.is_file() else {}
         return SfMResult(model_dir, num_images, num_models=len(list(inputs.sparse_root.iterdir())), timings={},
-                         **model_stats(pycolmap.Reconstruction(model_dir)))
+                         **model_stats(pycolmap.Reconstruction(model_dir)), **engine)
     if options.fresh_process and sys.executable:  # an embedded interpreter has no executable to start
         from .process import reconstruct_in_fresh_process
 
@@ -199,7 +224,7 @@ def _import_and_verify(inputs: SfMInputs, options: SfMOptions, database: Path, t
     start = time.perf_counter()
     pairs = read_pairs(inputs.pairs)
     image_ids = import_features(database, inputs.image_dir, inputs.features, options.camera_mode,
-                                options.camera_model)
+                                options.camera_model, prior_std=options.pose_prior_std)
     match_counts = import_matches(database, image_ids, pairs, inputs.matches, options.min_match_score)
     timings["import"] = time.perf_counter() - start
     logger.info("Imported %d pairs with %d raw matches", len(pairs), sum(match_counts.values()))
@@ -232,10 +257,11 @@ def _reconstruct(inputs: SfMInputs, options: SfMOptions) -> SfMResult:
     counts = _import_and_verify(inputs, options, database, timings)
 
     start = time.perf_counter()
-    mapper = pipeline_options(options.mapper, options.mapper_options, counts["images"], options.num_threads,
-                              options.random_seed)
-    models = run_mapper(options.mapper, mapper, database, inputs.image_dir, inputs.work_dir / "models.partial",
-                        counts["images"])
+    sections = pipeline_options(options.mapper, options.mapper_options, counts["images"], options.num_threads,
+                                options.random_seed, options.use_pose_priors)
+    choice = map_scene(options.mapper, sections, database, inputs.image_dir, inputs.work_dir / "models.partial",
+                       counts["images"], options.view_graph_calibration)
+    models = choice.models
     timings["map"] = time.perf_counter() - start
     if not models:
         raise ReconError(
@@ -247,9 +273,15 @@ def _reconstruct(inputs: SfMInputs, options: SfMOptions) -> SfMResult:
         models = [refine_principal_points(model, force=options.refine_principal_point == "always")[0]
                   for model in models]
         timings["calibrate"] = time.perf_counter() - start
+    engine_extra = {}
+    if options.use_pose_priors:  # every model into the GPS frame; the largest one's alignment is recorded
+        alignments = [align_to_priors(model, database, options.pose_prior_std) for model in models]
+        engine_extra["georeference"] = alignments[0]
     model_dir = write_models(models, inputs.sparse_root)
     if len(models) > 1:
         logger.warning("The scene split into %d models; the largest (%d images) is sparse/0",
                        len(models), models[0].num_reg_images())
+    engine = {"engine": choice.engine, "engine_reason": choice.reason, "engine_runs": choice.runs, **engine_extra}
+    (inputs.work_dir / _ENGINE).write_text(json.dumps(engine, indent=2))
     return SfMResult(model_dir, len(list_feature_names(inputs.features)), num_models=len(models), timings=timings,
-                     **model_stats(models[0]))
+                     **model_stats(models[0]), **engine)

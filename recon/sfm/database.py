@@ -24,6 +24,8 @@ from feature_backends.errors import InputError
 from feature_backends.store import FeatureReader, MatchReader
 from pairs.io import check_names, deduplicate
 
+from .priors import pose_prior
+
 logger = logging.getLogger(__name__)
 
 CameraMode = Literal["single", "per-folder", "per-image"]
@@ -77,8 +79,10 @@ def import_features(
     camera_mode: CameraMode = "single",
     camera_model: str = "SIMPLE_RADIAL",
     image_names: Sequence[str] | None = None,
+    prior_std: float = 5.0,
 ) -> dict[str, int]:
-    """Create a fresh database with cameras, rigs, frames, images and keypoints; return name → image_id."""
+    """Create a fresh database with cameras, rigs, frames, images, keypoints and, for images with EXIF GPS, pose
+    priors (recon.sfm.priors, `prior_std` metres); return name → image_id."""
     database_path = Path(database_path)
     database_path.parent.mkdir(parents=True, exist_ok=True)
     database_path.unlink(missing_ok=True)
@@ -89,6 +93,7 @@ def import_features(
         if not names:
             raise InputError(f"'{features_path}' holds no features to import")
         cameras: dict[tuple, int] = {}
+        num_priors = 0
         for name in tqdm(names, desc="import", unit="img"):
             data = features.read(name, ["keypoints", "image_size"])
             width, height = (int(v) for v in data["image_size"])
@@ -113,8 +118,13 @@ def import_features(
             )
             db.write_frame(frame)
             db.write_keypoints(image_id, (data["keypoints"].astype(np.float64) + 0.5).astype(np.float32))
+            prior = pose_prior(image_dir / name, camera_id, image_id, prior_std)
+            if prior is not None:
+                db.write_pose_prior(prior)
+                num_priors += 1
             image_ids[name] = image_id
-    logger.info("Imported %d images with %d cameras (%s)", len(image_ids), len(cameras) // 2, camera_mode)
+    logger.info("Imported %d images with %d cameras (%s), %d with GPS pose priors", len(image_ids), len(cameras) // 2,
+                camera_mode, num_priors)
     return image_ids
 
 

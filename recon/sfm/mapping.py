@@ -1,8 +1,21 @@
-"""The mapping step: pycolmap's mapper on the verified database, models written largest first.
+"""The mapping step: one of pycolmap's three mappers on the verified database, models written largest first.
 
-Options reach pycolmap's own option objects (`IncrementalPipelineOptions`, `GlobalPipelineOptions`) field by
-field, and `mapper_options` are checked against them in `pipeline_options`, which the run calls before any
-work so an unknown or mistyped key ends the run at once (exit 2) instead of after import and verification.
+Engines (all pycolmap 4.2.1, none re-implemented here):
+- `incremental`: `incremental_mapping`, COLMAP's classic register-one-image-at-a-time mapper.
+- `global`: `global_mapping` (GLOMAP merged into COLMAP: rotation averaging, global positioning, bundle
+  adjustment). When a camera's focal length is a guess (no EXIF focal, no user intrinsics: the import sets
+  `has_prior_focal_length` False), `calibrate_view_graph` first estimates focal lengths from the fundamental
+  matrices and upgrades the two-view geometries to calibrated ones, as its docstring asks for "when reliable
+  intrinsics are unavailable". The calibration rewrites the database, so it runs on a copy.
+- `hierarchical`: `hierarchical_mapping`, which clusters the view graph (`SceneClusteringOptions`), maps the
+  clusters incrementally on `num_workers` workers and merges them.
+`auto` (recon.sfm.auto) chooses among them.
+
+Options reach pycolmap's own option objects field by field, and `mapper_options` are checked against them in
+`pipeline_options`, which the run calls before any work so an unknown or mistyped key ends the run at once
+(exit 2) instead of after import and verification. A key may name its engine first
+(`global.mapper.ba_num_iterations=2`, `hierarchical.num_workers=2`, `view_graph_calibration.…`); without a
+prefix it belongs to the one engine `--mapper` names (required with `auto`, which runs several).
 """
 
 from __future__ import annotations
@@ -19,7 +32,16 @@ from feature_backends.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-MAPPERS = ("incremental", "global")
+ENGINES = ("incremental", "global", "hierarchical")
+MAPPERS = (*ENGINES, "auto")
+_CALIBRATION = "view_graph_calibration"
+# The option objects each --mapper builds (auto runs incremental and, when needed, global).
+_SECTIONS = {
+    "incremental": ("incremental",),
+    "global": ("global", _CALIBRATION),
+    "hierarchical": ("hierarchical",),
+    "auto": ("incremental", "global", _CALIBRATION),
+}
 
 
 def _set_options(target: Any, values: dict, where: str) -> None:
@@ -44,36 +66,99 @@ def _unknown(target: Any, key: str, where: str) -> None:
                       f"known: {', '.join(known)}")
 
 
-def pipeline_options(mapper: str, overrides: dict, num_images: int, num_threads: int, random_seed: int):
-    """pycolmap's pipeline options for `mapper`, with the user's overrides checked field by field."""
-    if mapper not in MAPPERS:
-        raise ConfigError(f"unknown mapper '{mapper}'; known: {', '.join(MAPPERS)}")
-    options = pycolmap.IncrementalPipelineOptions() if mapper == "incremental" else pycolmap.GlobalPipelineOptions()
-    options.num_threads = num_threads
-    options.random_seed = random_seed
+def _new_options(section: str, num_images: int, num_threads: int, random_seed: int) -> Any:
+    if section == _CALIBRATION:
+        options = pycolmap.ViewGraphCalibrationOptions()
+        options.random_seed = random_seed
+        return options
+    if section == "hierarchical":
+        options = pycolmap.HierarchicalPipelineOptions()
+        options.num_threads = num_threads
+        # One worker per core would run several multi-threaded bundle adjustments on the same cores.
+        options.num_workers = 1 if num_threads == 1 else -1
+        inner = options.incremental_options
+    else:
+        options = (pycolmap.IncrementalPipelineOptions() if section == "incremental"
+                   else pycolmap.GlobalPipelineOptions())
+        inner = options
+    inner.num_threads = num_threads
+    inner.random_seed = random_seed
     # Small collections (tests, previews) are valid models too; COLMAP's default minimum is 10 images.
-    options.min_model_size = min(options.min_model_size, max(3, num_images // 2))
-    _set_options(options, overrides, "")
+    inner.min_model_size = min(inner.min_model_size, max(3, num_images // 2))
     return options
 
 
-def run_mapper(mapper: str, options: Any, database: Path, image_dir: Path, staging: Path,
-               num_images: int) -> list[pycolmap.Reconstruction]:
-    """The models pycolmap finds, largest first (empty when none could be initialised)."""
+def pipeline_options(mapper: str, overrides: dict, num_images: int, num_threads: int, random_seed: int,
+                     use_pose_priors: bool = False) -> dict[str, Any]:
+    """pycolmap's option objects for `mapper`, by section (engine name or 'view_graph_calibration'), with the
+    user's overrides checked field by field."""
+    if mapper not in MAPPERS:
+        raise ConfigError(f"unknown mapper '{mapper}'; known: {', '.join(MAPPERS)}")
+    sections = {name: _new_options(name, num_images, num_threads, random_seed) for name in _SECTIONS[mapper]}
+    # GPS in the incremental bundle adjustment (the global mapper has no prior term: its model is aligned after).
+    for name, section in sections.items():
+        if use_pose_priors and name in ("incremental", "hierarchical"):
+            inner = section.incremental_options if name == "hierarchical" else section
+            inner.use_prior_position = inner.use_robust_loss_on_prior_position = True
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head in (*ENGINES, _CALIBRATION):
+            if head not in sections:
+                raise ConfigError(f"--mapper-option {key}: --mapper {mapper} does not use the {head} options "
+                                  f"(it uses: {', '.join(sections)})")
+            _set_options(sections[head], {rest: value} if rest else value, f"{head}.")
+        elif mapper == "auto":
+            raise ConfigError(f"--mapper-option {key}: with --mapper auto, name the engine first "
+                              f"(incremental.{key} or global.{key})")
+        else:
+            _set_options(sections[mapper], {key: value}, "")
+    return sections
+
+
+def has_focal_priors(database: Path) -> bool:
+    """Whether every camera's focal length comes from EXIF or the user rather than a guess."""
+    with pycolmap.Database.open(database) as db:
+        return all(camera.has_prior_focal_length for camera in db.read_all_cameras())
+
+
+def run_engine(engine: str, sections: dict[str, Any], database: Path, image_dir: Path, staging: Path,
+               num_images: int, calibrate: str = "auto") -> list[pycolmap.Reconstruction]:
+    """The models `engine` finds, largest first (empty when none could be initialised). `calibrate`: view-graph
+    calibration before the global mapper, 'auto' (when a focal length is a guess), 'always' or 'never'."""
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    progress = tqdm(total=num_images, desc="mapping", unit="img")
-    if mapper == "incremental":
-        models = pycolmap.incremental_mapping(
-            database, image_dir, staging, options,
-            initial_image_pair_callback=lambda: progress.update(2),
-            next_image_callback=lambda: progress.update(1),
-        )
-    else:
-        models = pycolmap.global_mapping(database, image_dir, staging, options)
-    progress.close()
-    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        if engine == "incremental":
+            progress = tqdm(total=num_images, desc="mapping", unit="img")
+            models = pycolmap.incremental_mapping(
+                database, image_dir, staging, sections["incremental"],
+                initial_image_pair_callback=lambda: progress.update(2),
+                next_image_callback=lambda: progress.update(1),
+            )
+            progress.close()
+        elif engine == "global":
+            models = _global_mapping(sections, database, image_dir, staging, calibrate)
+        elif engine == "hierarchical":
+            models = pycolmap.hierarchical_mapping(database, image_dir, staging, sections["hierarchical"])
+        else:
+            raise ConfigError(f"unknown mapping engine '{engine}'; known: {', '.join(ENGINES)}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return sorted(models.values(), key=lambda r: r.num_reg_images(), reverse=True)
+
+
+def _global_mapping(sections: dict[str, Any], database: Path, image_dir: Path, staging: Path,
+                    calibrate: str) -> dict[int, pycolmap.Reconstruction]:
+    if calibrate == "always" or (calibrate == "auto" and not has_focal_priors(database)):
+        # calibrate_view_graph rewrites the two-view geometries and cameras: keep the caller's database as it was.
+        copy = staging / "global.db"
+        shutil.copyfile(database, copy)
+        database = copy
+        calibrated = pycolmap.calibrate_view_graph(database, sections[_CALIBRATION])
+        logger.info("View-graph calibration of the focal lengths %s",
+                    "succeeded" if calibrated else "failed (mapping with the guesses)")
+    (staging / "models").mkdir()
+    return pycolmap.global_mapping(database, image_dir, staging / "models", sections["global"])
 
 
 def write_models(models: list[pycolmap.Reconstruction], sparse_root: Path) -> Path:
