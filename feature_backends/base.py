@@ -330,7 +330,10 @@ class LocalFeatures(Backend):
         resized, scale = resize_image(image, self.conf.resize_max, self.conf.resize_force, self.size_multiple)
         pred = {key: _to_numpy(value) for key, value in self._extract_image(resized).items()}
         keypoints = pred["keypoints"].reshape(-1, 2)
-        descriptors = pred["descriptors"].reshape(len(keypoints), -1)
+        raw = pred["descriptors"]
+        # No keypoints (a blank or 1x1 image): keep the descriptor width, which reshape(0, -1) cannot infer.
+        descriptors = (raw.reshape(0, raw.shape[-1] if raw.ndim > 1 else 0) if len(keypoints) == 0
+                       else raw.reshape(len(keypoints), -1))
         scores = pred["scores"].reshape(-1)
         # Further per-keypoint arrays (e.g. SIFT's scales and orientations) are kept and filtered alongside.
         extras = {k: v for k, v in pred.items() if k not in ("keypoints", "descriptors", "scores")}

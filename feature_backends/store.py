@@ -415,6 +415,12 @@ def list_feature_names(path: str | Path) -> list[str]:
         return reader.names()
 
 
+def keypoint_counts(path: str | Path, names: Iterable[str]) -> dict[str, int]:
+    """Keypoints stored per image, for those of `names` that are in the features file."""
+    with FeatureReader(path) as reader:
+        return {name: reader.keypoint_counts(name)[0] for name in names if name in reader}
+
+
 def read_stored_conf(path: str | Path) -> dict[str, Any] | None:
     """The configuration a recon writer recorded in the file, or None (e.g. for hloc's files)."""
     with _open_for_reading(path) as file:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from feature_backends import registry
 from feature_backends.errors import ImageReadError, InputError
-from feature_backends.images import iter_images, list_images
+from feature_backends.images import describe_skipped, iter_images, list_images
 from feature_backends.store import FeatureWriter
 
 from .options import option
@@ -112,7 +112,11 @@ def extract(
     device: Any = None,
     as_half: bool | None = None,
     mask_dir: str | Path | None = None,
+    skipped: list[dict[str, str]] | None = None,
 ) -> Path:
+    """Write features for every image of `image_dir` (or `image_list`) not yet in `export_path`. An image that
+    cannot be decoded is named in one warning and skipped (appended to `skipped` as {"file", "reason"})."""
+    skipped = [] if skipped is None else skipped
     if isinstance(options, ExtractOptions):
         as_half = options.as_half if as_half is None else as_half
         mask_dir = options.mask_dir if mask_dir is None else mask_dir
@@ -130,17 +134,15 @@ def extract(
         todo = [n for n in names if n not in writer.names]
         if len(todo) < len(names):
             logger.info("Resuming: %d of %d images already in %s", len(names) - len(todo), len(names), export_path)
-        skipped = []
         progress = tqdm(iter_images(image_dir, todo, grayscale=model.conf.grayscale), total=len(todo),
                         desc=f"extract {name}", unit="img")
         for image_name, image in progress:
             if isinstance(image, ImageReadError):
-                logger.warning("Skipping %s: %s", image_name, image)
-                skipped.append(image_name)
+                skipped.append({"file": image_name, "reason": str(image)})
                 continue
             height, width = image.shape[:2]
             features = drop_masked(model.extract(image), load_mask(mask_dir, image_name, (width, height)))
             writer.write(image_name, features, uncertainty=model.keypoint_uncertainty(width, height))
     if skipped:
-        logger.warning("%d unreadable images were skipped: %s", len(skipped), ", ".join(skipped[:10]))
+        logger.warning("Skipped %d image(s) that cannot be decoded: %s", len(skipped), describe_skipped(skipped))
     return Path(export_path)

@@ -22,19 +22,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from feature_backends import registry
 from feature_backends.errors import ConfigError, InputError
-from feature_backends.images import list_images
+from feature_backends.images import describe_skipped, list_images, screen_images
+from feature_backends.store import keypoint_counts
 from pairs.io import read_name_list
 from pairs.planner import PairOptions
 
 from .dense import DenseOptions, is_dense_matcher, match_dense, parse_matcher_name, require_warp
 from .export import ExportOptions, export
 from .extract import ExtractOptions, extract
+from .lock import OutputLock
 from .frames import FRAMES_RECORD, FrameOptions, frame_names, has_video, sequence_folders, write_frames
 from .match import MatchOptions, match
 from .options import option, to_dict
@@ -60,6 +63,8 @@ class RunConfig:
     image_list: list[str] | None = option(None, flags=("--image-list",), metavar="FILE",
                                           argparse={"type": read_name_list},
                                           help="file of image names to use (default: every image in the folder)")
+    wait: bool = option(False, flags=("--wait",),
+                        help="wait for another recon run on the same output folder to finish instead of refusing")
 
     def for_video(self, sequences: list[str]) -> RunConfig:
         """The defaults that fit video frames: each video a sequence (sequential pairs with loop closure and
@@ -129,6 +134,7 @@ class RunResult:
     sfm: SfMResult
     timings: dict[str, float]
     exports: dict[str, str]
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         sfm = self.sfm
@@ -145,6 +151,8 @@ class RunResult:
             f"  model        {sfm.sparse_dir}",
         ]
         lines += [f"  {fmt:<12} {path}" for fmt, path in self.exports.items()]
+        if self.skipped:
+            lines.append(f"  skipped      {len(self.skipped)}: {describe_skipped(self.skipped)}")
         return "\n".join(lines)
 
     def _stage_time(self, stage: str, seconds: float) -> str:
@@ -185,19 +193,65 @@ def _inputs(inputs: str | Path | list[str | Path], out_dir: Path, config: RunCon
 
 
 def run(inputs: str | Path | list[str | Path], out_dir: str | Path, config: RunConfig | None = None) -> RunResult:
-    """`inputs`: an image folder, or videos / a folder with videos (see the module docstring)."""
+    """`inputs`: an image folder, or videos / a folder with videos (see the module docstring). One run at a time
+    per output folder (recon.lock)."""
     config = config or RunConfig()
+    out_dir = output_folder(out_dir)
+    with OutputLock(out_dir, wait=config.wait):
+        return _run_locked(inputs, out_dir, config)
+
+
+def output_folder(out_dir: str | Path) -> Path:
+    """`out_dir`, created; an existing file or a folder recon cannot write is refused in one line."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output path '{out_dir}' is an existing file; give a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".recon-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"cannot write to output folder '{out_dir}' ({error.strerror}); choose a writable "
+                         "folder") from error
+    return out_dir
+
+
+def usable_for_matching(features_path: Path, names: list[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """The images with keypoints in `features_path`, and those without ("no features": blank, 1x1, lens cap)."""
+    counts = keypoint_counts(features_path, names)
+    usable = [name for name in names if counts.get(name, 0) > 0]
+    none = [{"file": name, "reason": "no features"} for name in names if name in counts and counts[name] == 0]
+    if none:
+        logger.warning("Skipping %d image(s) for matching: %s", len(none), describe_skipped(none))
+    return usable, none
+
+
+def _need_two_views(names: list[str], skipped: list[dict[str, str]]) -> None:
+    if len(names) >= 2:
+        return
+    detail = f"; skipped: {describe_skipped(skipped, 3)}" if skipped else ""
+    raise InputError(f"SfM needs at least two views, and {len(names)} usable image(s) remain{detail}; add "
+                     "overlapping photos of the scene")
+
+
+def _run_locked(inputs, out_dir: Path, config: RunConfig) -> RunResult:
     timed = _Timer()
     image_dir, names, config, frames_record = _inputs(inputs, out_dir, config, timed)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    names, skipped = screen_images(image_dir, names, decode=config.dense_mode and
+                                   parse_matcher_name(config.match.matcher)[0] is None)
+    _need_two_views(names, skipped)
     features_path, matches_path = out_dir / "features.h5", out_dir / "matches.h5"
-
-    pairs_plan = timed("pairs", plan_pairs, image_dir, out_dir / "pairs.txt", config.pairs, names, config.device)
     pairs_path = out_dir / "pairs.txt"
     anchor, _ = parse_matcher_name(config.match.matcher) if config.dense_mode else (None, None)
     if not config.dense_mode or anchor is not None:
-        timed("extract", extract, config.extract_options(), image_dir, features_path, names, config.device)
+        undecodable: list[dict[str, str]] = []
+        timed("extract", extract, config.extract_options(), image_dir, features_path, names, config.device,
+              skipped=undecodable)
+        names, featureless = usable_for_matching(features_path, names)
+        skipped += undecodable + featureless
+        _need_two_views(names, skipped)
+    pairs_plan = timed("pairs", plan_pairs, image_dir, pairs_path, config.pairs, names, config.device)
     if config.dense_mode:
         timed("match", match_dense, config.match.backend_conf(), pairs_path, image_dir, features_path,
               matches_path, config.dense, config.device, mask_dir=config.extract.mask_dir)
@@ -214,10 +268,11 @@ def run(inputs: str | Path | list[str | Path], out_dir: str | Path, config: RunC
         splat_config = replace(config.splat, device=config.splat.device or config.device)
         written["splats"] = timed("splat", splat, out_dir, splat_config)
 
-    result = RunResult(out_dir, len(names), pairs_plan.method, len(pairs_plan.pairs), sfm, dict(timed),
-                       {fmt: str(path) for fmt, path in written.items()})
+    result = RunResult(out_dir, len(names) + len(skipped), pairs_plan.method, len(pairs_plan.pairs), sfm,
+                       dict(timed), {fmt: str(path) for fmt, path in written.items()}, skipped)
     record = {"image_dir": str(image_dir.resolve()), "config": to_dict(config), "result": sfm.to_dict(),
-              "timings": dict(timed), "pairs_method": pairs_plan.method, "num_pairs": len(pairs_plan.pairs)}
+              "timings": dict(timed), "pairs_method": pairs_plan.method, "num_pairs": len(pairs_plan.pairs),
+              "skipped": skipped}
     if frames_record is not None:
         record["frames"] = frames_record
     (out_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))

@@ -1,0 +1,151 @@
+"""Bad and unusual input: a corpus built here from four generated views and synthetic files.
+
+Each kind is run through `recon` as a user would (cli.main) and checked for: exit status, one line naming the
+file, no traceback, and nothing already computed lost (published HDF5 files still open and hold what they held).
+Small images, SIFT with 300 keypoints: the module runs in well under a minute.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from feature_backends.errors import InputError, ReconError
+from feature_backends.images import list_images, screen_image
+from feature_backends.store import FeatureReader, FeatureWriter, MatchReader
+from recon.cli import main
+
+FAST = ["--max-keypoints", "300"]
+
+
+@pytest.fixture(scope="module")
+def views(tmp_path_factory) -> list[Path]:
+    """Four overlapping generated views (640x480 PNG) of a known scene."""
+    from recon.synthetic import SceneSpec, make_scene
+
+    scene = make_scene(tmp_path_factory.mktemp("views"),
+                       replace(SceneSpec(), num_frames=4))
+    return sorted((scene / "images").glob("*.png"))
+
+
+def _folder(path: Path, views: list[Path]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for view in views:
+        shutil.copy(view, path / view.name)
+    return path
+
+
+def _jpeg(view: Path) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(view).convert("RGB").save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height (a decompression bomb as far as the header goes)."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(["run", *map(str, argv), *FAST])
+    except SystemExit as exit_:  # argparse
+        code = exit_.code
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.out, captured.err
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("recon: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# Files that are skipped by name with a reason; the run finishes on the good views.
+SKIPPED_KINDS = {
+    "zero.jpg": ("zero-byte JPEG", lambda v: b""),
+    "truncated.png": ("truncated PNG", lambda v: v.read_bytes()[: len(v.read_bytes()) // 2]),
+    "truncated.jpg": ("truncated JPEG", lambda v: _jpeg(v)[: len(_jpeg(v)) // 2]),
+    "text.jpg": ("text named .jpg", lambda v: b"not an image\n"),
+    "html.png": ("HTML page named .png", lambda v: b"<html><body>404</body></html>"),
+    "header-only.png": ("PNG signature only", lambda v: b"\x89PNG\r\n\x1a\n"),
+    "bomb.png": ("decompression-bomb header", lambda v: _png_declaring(60000, 60000)),
+    "blank.png": ("blank frame (no features)", None),
+    "tiny.png": ("1x1 image (no features)", None),
+    "lenscap.jpg": ("black lens-cap shot (no features)", None),
+}
+
+
+def _make_skipped(folder: Path, view: Path) -> None:
+    for name, (_, make) in SKIPPED_KINDS.items():
+        if make is not None:
+            (folder / name).write_bytes(make(view))
+    Image.new("RGB", (320, 240), (128, 128, 128)).save(folder / "blank.png")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "tiny.png")
+    Image.new("RGB", (320, 240), (0, 0, 0)).save(folder / "lenscap.jpg")
+    os.symlink(folder / "missing-target.jpg", folder / "dangling.jpg")
+
+
+def test_bad_files_among_good_ones_are_skipped_by_name_and_the_run_finishes(views, tmp_path, capsys, caplog):
+    images = _folder(tmp_path / "images", views)
+    _make_skipped(images, views[0])
+    code, out, err = _run(capsys, images, tmp_path / "out")
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    skipped = {entry["file"]: entry["reason"] for entry in record["skipped"]}
+    assert set(skipped) == {*SKIPPED_KINDS, "dangling.jpg"}
+    assert skipped["blank.png"] == skipped["tiny.png"] == skipped["lenscap.jpg"] == "no features"
+    assert "dangling" in skipped["dangling.jpg"] and "0 bytes" in skipped["zero.jpg"]
+    assert "Mpx limit" in skipped["bomb.png"] and "truncated" in skipped["truncated.jpg"]
+    assert record["result"]["num_registered"] == 4
+    assert "skipped      11:" in out and all(name in out for name in ("zero.jpg", "blank.png"))
+    # each skipped file is named in exactly one warning line, and no skipped file reaches the pairs
+    for name in skipped:
+        assert sum(name in r.getMessage() for r in caplog.records if r.levelname == "WARNING") == 1, name
+    pairs = (tmp_path / "out" / "pairs.txt").read_text()
+    assert not any(name in pairs for name in skipped) and len(pairs.splitlines()) == 6
+
+
+def test_a_folder_where_nothing_can_be_matched_ends_with_a_message(views, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(images / "blank.png")
+    Image.new("RGB", (64, 48), (0, 0, 0)).save(images / "lenscap.png")
+    (images / "zero.jpg").write_bytes(b"")
+    code, _, err = _run(capsys, images, tmp_path / "out")
+    line = _error_line(err)
+    assert code == 2 and "SfM needs at least two views" in line and "blank.png (no features)" in line
+
+    single = _folder(tmp_path / "single", views[:1])
+    code, _, err = _run(capsys, single, tmp_path / "out1")
+    assert code == 2 and "SfM needs at least two views, and 1 usable image(s) remain" in _error_line(err)
+
+
+def test_screening_names_each_reason(tmp_path, views):
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "bomb.png").write_bytes(_png_declaring(60000, 60000))
+    (tmp_path / "cut.png").write_bytes(views[0].read_bytes()[:500])
+    assert screen_image(tmp_path / "zero.jpg") == "empty file (0 bytes)"
+    assert screen_image(tmp_path / "bomb.png").startswith("declared size 60000x60000")
+    assert screen_image(tmp_path / "cut.png") is None  # the header is intact: caught when decoded
+    assert "truncated" in screen_image(tmp_path / "cut.png", decode=True)
+    assert screen_image(views[0], decode=True) is None
