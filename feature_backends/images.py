@@ -62,7 +62,8 @@ def _walk_once(image_dir: Path) -> list[str]:
     names = []
     for root, dirs, files in os.walk(image_dir, followlinks=True):
         kept = []
-        for d in sorted(d for d in dirs if not d.startswith(".")):
+        # Real folders and files before links to them, so that the names kept are the real ones.
+        for d in sorted((d for d in dirs if not d.startswith(".")), key=lambda d: (_is_link(root, d), d)):
             real = os.path.realpath(os.path.join(root, d))
             if real in seen_dirs:
                 loops.append((Path(root) / d).relative_to(image_dir).as_posix())
@@ -70,7 +71,7 @@ def _walk_once(image_dir: Path) -> list[str]:
             seen_dirs.add(real)
             kept.append(d)
         dirs[:] = kept
-        for file in sorted(files):
+        for file in sorted(files, key=lambda f: (_is_link(root, f), f)):
             if file.startswith(".") or Path(file).suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             path = Path(root) / file
@@ -83,6 +84,10 @@ def _walk_once(image_dir: Path) -> list[str]:
         logger.warning("Not following %d linked folder(s) already listed (a symlink loop?): %s", len(loops),
                        ", ".join(loops[:5]))
     return sorted(names)
+
+
+def _is_link(root: str, name: str) -> bool:
+    return os.path.islink(os.path.join(root, name))
 
 
 def check_pair_keys(names: Iterable[str]) -> None:

@@ -149,3 +149,27 @@ def test_screening_names_each_reason(tmp_path, views):
     assert screen_image(tmp_path / "cut.png") is None  # the header is intact: caught when decoded
     assert "truncated" in screen_image(tmp_path / "cut.png", decode=True)
     assert screen_image(views[0], decode=True) is None
+
+
+def test_pair_key_collision_is_refused_naming_both(views, tmp_path, capsys):
+    images = _folder(tmp_path / "images", views)
+    (images / "a").mkdir()
+    shutil.copy(views[0], images / "a" / "x.png")
+    shutil.copy(views[1], images / "a-x.png")
+    code, _, err = _run(capsys, images, tmp_path / "out")
+    line = _error_line(err)
+    assert code == 2 and "'a-x.png'" in line and "'a/x.png'" in line and "rename one" in line
+    assert not (tmp_path / "out" / "features.h5").exists()  # refused before any work
+
+
+def test_symlink_loop_lists_each_real_file_once_and_warns(views, tmp_path, caplog):
+    images = _folder(tmp_path / "images", views)
+    (images / "sub").mkdir()
+    shutil.copy(views[0], images / "sub" / "extra.png")
+    os.symlink("..", images / "sub" / "loop")  # sub/loop -> images: a loop
+    os.symlink("sub", images / "again")  # a second link to a folder already listed
+    os.symlink(views[1].name, images / "link-to-view.png")  # a second name for a file already listed
+    names = list_images(images)
+    assert names == sorted([v.name for v in views] + ["sub/extra.png"])
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warning) == 1 and "sub/loop" in warning[0] and "again" in warning[0]
