@@ -173,3 +173,28 @@ def test_symlink_loop_lists_each_real_file_once_and_warns(views, tmp_path, caplo
     assert names == sorted([v.name for v in views] + ["sub/extra.png"])
     warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warning) == 1 and "sub/loop" in warning[0] and "again" in warning[0]
+
+
+def _hold_lock(out: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding OUT's lock for `seconds` (it prints 'held' once it has it)."""
+    code = (f"import sys, time; from recon.lock import OutputLock\n"
+            f"with OutputLock(sys.argv[1]):\n    print('held', flush=True); time.sleep({seconds})")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_second_run_on_the_same_output_refuses_naming_the_pid_or_waits(views, tmp_path, capsys):
+    images = _folder(tmp_path / "images", views)
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = _hold_lock(out, 60)
+    code, _, err = _run(capsys, images, out)
+    assert code == 2 and f"in use by another recon run (PID {holder.pid})" in _error_line(err)
+    assert "--wait" in err and not (out / "features.h5").exists()
+    holder.kill()  # kill -9: the kernel releases the lock
+    holder.wait()
+    holder = _hold_lock(out, 1.0)
+    code, _, err = _run(capsys, images, out, "--wait")
+    assert code == 0 and holder.wait() == 0 and (out / "run.json").is_file()
