@@ -25,6 +25,7 @@ checkpoint interval, and the next run resumes from the published file. HDF5 itse
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -43,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _CONF_ATTR = "recon_conf"
+# matches.h5: per image, the fingerprint of the features the matches index (a dataset of JSON bytes, since
+# attributes are limited to 64 kB; the leading '.' keeps it apart from pair keys, as no image name starts so).
+_FINGERPRINTS = ".recon-features"
 
 
 def names_to_pair(name0: str, name1: str, separator: str = "/") -> str:
@@ -61,6 +65,12 @@ def _open_for_reading(path: str | Path) -> h5py.File:
         return h5py.File(path, "r", locking=False)
     except OSError as error:
         raise ReconError(f"'{path}' is not a readable HDF5 file ({error}); delete it to recompute") from error
+
+
+def _read_fingerprints(file: h5py.File) -> dict[str, str] | None:
+    if _FINGERPRINTS not in file:
+        return None
+    return json.loads(file[_FINGERPRINTS][()].tobytes().decode())
 
 
 def _walk_datasets_parent(group: h5py.Group, marker: str, prefix: str = "") -> Iterator[str]:
@@ -273,6 +283,31 @@ class MatchWriter(_Writer):
     def has(self, name0: str, name1: str) -> bool:
         return _find_pair(self._file, name0, name1) is not None
 
+    def adopt_features(self, current: Mapping[str, str]) -> set[str]:
+        """Record the fingerprints of the features the matches are made from (`feature_fingerprint`); return
+        the images whose stored pairs were made from other features and were therefore dropped. A file without
+        a record (hloc's, or an older recon's) is trusted as before."""
+        stored = _read_fingerprints(self._file)
+        stale = set() if stored is None else {n for n, f in current.items() if stored.get(n, f) != f}
+        if stale:
+            flat = {name.replace("/", "-") for name in stale}
+            for key0 in list(self._file.keys()):
+                item = self._file[key0]
+                if not isinstance(item, h5py.Group):
+                    continue
+                if key0 in flat:
+                    del self._file[key0]
+                    continue
+                for key1 in [k for k in item.keys() if k in flat]:
+                    del item[key1]
+        merged = {**(stored or {}), **current}
+        if merged != stored:
+            if _FINGERPRINTS in self._file:
+                del self._file[_FINGERPRINTS]
+            self._file.create_dataset(_FINGERPRINTS, data=np.frombuffer(json.dumps(merged).encode(), np.uint8))
+            self._committed()
+        return stale
+
     def read_raw(self, name0: str, name1: str) -> tuple[dict[str, np.ndarray], bool]:
         """What `MatchReader.read_raw` returns, from the file being written."""
         key, reversed_ = _find_pair(self._file, name0, name1)
@@ -356,6 +391,11 @@ class FeatureReader(_Reader):
         keypoints = self._file[name]["keypoints"]
         return len(keypoints), int(keypoints.attrs.get("detected", len(keypoints)))
 
+    def fingerprint(self, name: str) -> str:
+        """'<keypoint count>:<hash of the keypoints>': what a matches file must have been made from."""
+        keypoints = np.ascontiguousarray(self._file[name]["keypoints"][()], dtype=np.float32)
+        return f"{len(keypoints)}:{hashlib.blake2b(keypoints.tobytes(), digest_size=8).hexdigest()}"
+
     def uncertainty(self, name: str) -> float | None:
         value = self._file[name]["keypoints"].attrs.get("uncertainty")
         return None if value is None else float(value)
@@ -364,6 +404,10 @@ class FeatureReader(_Reader):
 
 class MatchReader(_Reader):
     """Read a matches.h5 (ours or hloc's), finding reversed and legacy pair keys."""
+
+    def feature_fingerprints(self) -> dict[str, str] | None:
+        """Per image, the fingerprint of the features these matches were made from (None: not recorded)."""
+        return _read_fingerprints(self._file)
 
     def has(self, name0: str, name1: str) -> bool:
         return _find_pair(self._file, name0, name1) is not None

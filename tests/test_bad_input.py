@@ -198,3 +198,30 @@ def test_second_run_on_the_same_output_refuses_naming_the_pid_or_waits(views, tm
     holder = _hold_lock(out, 1.0)
     code, _, err = _run(capsys, images, out, "--wait")
     assert code == 0 and holder.wait() == 0 and (out / "run.json").is_file()
+
+
+def test_matches_made_from_other_features_are_recomputed_or_refused(views, tmp_path, capsys, caplog):
+    from recon.extract import extract
+    from recon.match import match
+    from recon.pairs import plan_pairs
+    from recon.sfm.database import check_matches_fit
+
+    images = _folder(tmp_path / "images", views)
+    features, matches, pairs = tmp_path / "features.h5", tmp_path / "matches.h5", tmp_path / "pairs.txt"
+    plan_pairs(images, pairs)
+    extract({"name": "sift", "max_keypoints": 300}, images, features)
+    match("mnn", pairs, features, matches)
+    stale_features = tmp_path / "stale.h5"
+    shutil.copy(features, stale_features)
+    features.unlink()  # recon's own advice after a change of configuration: recompute the features
+    extract({"name": "sift", "max_keypoints": 200}, images, features)
+    with pytest.raises(InputError, match=r"made from other features .* for 4 image\(s\).*rerun the match stage"):
+        check_matches_fit(features, matches, [v.name for v in views])  # what the SfM import does first
+    match("mnn", pairs, features, matches)  # every stored pair of a changed image is recomputed
+    assert "Recomputing the stored pairs of 4 image(s)" in caplog.text
+    check_matches_fit(features, matches, [v.name for v in views])
+    with FeatureReader(features) as reader, MatchReader(matches) as stored:
+        for name0, name1 in [line.split() for line in pairs.read_text().splitlines()]:
+            found, _ = stored.read(name0, name1)
+            assert len(found) > 0 and found[:, 0].max() < 200 and found[:, 1].max() < 200
+            assert stored.feature_fingerprints()[name0] == reader.fingerprint(name0)

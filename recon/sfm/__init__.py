@@ -29,7 +29,7 @@ from pairs.io import read_pairs
 
 from ..options import option, to_dict
 from .calibration import refine_principal_points
-from .database import CameraMode, import_features, import_matches
+from .database import CameraMode, check_matches_fit, import_features, import_matches
 from .mapping import model_stats, pipeline_options, run_mapper, write_models
 from .verification import verification_error
 from .verifiers import VerifierSettings, verify
@@ -200,6 +200,7 @@ def _import_and_verify(inputs: SfMInputs, options: SfMOptions, database: Path, t
     pairs = read_pairs(inputs.pairs)
     image_ids = import_features(database, inputs.image_dir, inputs.features, options.camera_mode,
                                 options.camera_model)
+    check_matches_fit(inputs.features, inputs.matches, sorted({name for pair in pairs for name in pair}))
     match_counts = import_matches(database, image_ids, pairs, inputs.matches, options.min_match_score)
     timings["import"] = time.perf_counter() - start
     logger.info("Imported %d pairs with %d raw matches", len(pairs), sum(match_counts.values()))

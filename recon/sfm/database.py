@@ -138,3 +138,19 @@ def import_matches(
             db.write_matches(image_ids[name0], image_ids[name1], matches.astype(np.uint32))
             counts[(name0, name1)] = len(matches)
     return counts
+
+
+def check_matches_fit(features_path: str | Path, matches_path: str | Path, names: Sequence[str]) -> None:
+    """Refuse matches made from other features than `features_path` holds (their indices would point at other
+    keypoints, or past the end, which crashes COLMAP): compares the fingerprints the match stage recorded."""
+    with MatchReader(matches_path) as matches:
+        recorded = matches.feature_fingerprints()
+    if recorded is None:
+        return  # hloc's file, or an older recon's: nothing to compare
+    with FeatureReader(features_path) as features:
+        changed = sorted(n for n in names
+                         if n in recorded and n in features and features.fingerprint(n) != recorded[n])
+    if changed:
+        raise InputError(f"'{matches_path}' was made from other features than '{features_path}' holds now for "
+                         f"{len(changed)} image(s), e.g. {changed[:3]}; rerun the match stage (it recomputes "
+                         "those pairs) or delete the matches file")
