@@ -25,6 +25,7 @@ checkpoint interval, and the next run resumes from the published file. HDF5 itse
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import ConfigError, InputError, ReconError
+from .errors import ConfigError, InputError, OutputError, ReconError
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,13 @@ def _open_for_reading(path: str | Path) -> h5py.File:
         return h5py.File(path, "r", locking=False)
     except OSError as error:
         raise ReconError(f"'{path}' is not a readable HDF5 file ({error}); delete it to recompute") from error
+
+
+def _output_error(path: Path, error: OSError) -> ReconError:
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error)
+    what = "the disk is full" if full else f"writing failed ({error})"
+    kept = f"'{path}' still holds what it held before" if path.exists() else f"'{path}' was not written"
+    return OutputError(f"{what} while writing '{path}'; {kept}; free space and run again to resume")
 
 
 def _read_fingerprints(file: h5py.File) -> dict[str, str] | None:
@@ -99,7 +107,11 @@ class _Journal:
             self.partial.unlink()
         if self.path.exists():
             _open_for_reading(self.path).close()  # a corrupt file is reported, never silently overwritten
-            shutil.copyfile(self.path, self.partial)
+            try:
+                shutil.copyfile(self.path, self.partial)
+            except OSError as error:
+                self.partial.unlink(missing_ok=True)
+                raise _output_error(self.path, error) from error
         self.file = h5py.File(self.partial, "a", locking=False)
         self._check_conf(conf)
         self._last_checkpoint = time.monotonic()
@@ -129,6 +141,22 @@ class _Journal:
             self.publish(reopen=True)
 
     def publish(self, reopen: bool) -> None:
+        try:
+            self._publish(reopen)
+        except OSError as error:
+            self.discard()
+            raise _output_error(self.path, error) from error
+
+    def discard(self) -> None:
+        """Drop the journal (after a failed write): the published file keeps what it held."""
+        try:
+            if self.file.id.valid:
+                self.file.close()
+        except OSError:
+            pass
+        self.partial.unlink(missing_ok=True)
+
+    def _publish(self, reopen: bool) -> None:
         if self.before_publish is not None:  # e.g. publish the keypoints these matches refer to first
             self.before_publish()
         self.file.flush()
@@ -181,6 +209,13 @@ class _Writer(_Closing):
 
     def close(self) -> None:
         self._journal.close()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and issubclass(exc_type, OSError):
+            # A failed write (a full disk, an I/O error) may have left the journal half-written: never publish it.
+            self._journal.discard()
+            raise _output_error(self.path, exc) from exc
+        self.close()
 
     def publish(self) -> None:
         """Publish what was written so far now (a checkpoint out of turn); nothing if nothing was written."""

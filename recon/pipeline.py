@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from feature_backends import registry
-from feature_backends.errors import ConfigError, InputError
+from feature_backends.errors import ConfigError, InputError, OutputError
 from feature_backends.images import describe_skipped, list_images, screen_images
 from feature_backends.store import keypoint_counts
 from pairs.io import read_name_list
@@ -205,14 +205,14 @@ def output_folder(out_dir: str | Path) -> Path:
     """`out_dir`, created; an existing file or a folder recon cannot write is refused in one line."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"output path '{out_dir}' is an existing file; give a folder")
+        raise OutputError(f"output path '{out_dir}' is an existing file; give a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".recon-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise InputError(f"cannot write to output folder '{out_dir}' ({error.strerror}); choose a writable "
+        raise OutputError(f"cannot write to output folder '{out_dir}' ({error.strerror}); choose a writable "
                          "folder") from error
     return out_dir
 

@@ -225,3 +225,81 @@ def test_matches_made_from_other_features_are_recomputed_or_refused(views, tmp_p
             found, _ = stored.read(name0, name1)
             assert len(found) > 0 and found[:, 0].max() < 200 and found[:, 1].max() < 200
             assert stored.feature_fingerprints()[name0] == reader.fingerprint(name0)
+
+
+def test_output_path_that_is_a_file_or_not_writable_is_one_line(views, tmp_path, capsys, monkeypatch):
+    images = _folder(tmp_path / "images", views[:2])
+    (tmp_path / "out.txt").write_text("keep me")
+    code, _, err = _run(capsys, images, tmp_path / "out.txt")
+    assert code == 2 and "'" + str(tmp_path / "out.txt") + "' is an existing file" in _error_line(err)
+    assert (tmp_path / "out.txt").read_text() == "keep me"
+
+    def read_only(self, data):  # root ignores permission bits: refuse the way a read-only mount does
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    code, _, err = _run(capsys, images, tmp_path / "ro")
+    assert code == 2 and "cannot write to output folder" in _error_line(err) and "Read-only" in err
+
+
+def _features(path: Path, names: list[str]) -> None:
+    with FeatureWriter(path) as writer:
+        for index, name in enumerate(names):
+            count = 5 + index
+            writer.write(name, {"keypoints": np.full((count, 2), index, np.float32),
+                                "descriptors": np.zeros((4, count), np.float32), "scores": np.ones(count, np.float32),
+                                "image_size": np.array([64, 48])})
+
+
+def _disk_full_after(monkeypatch, calls: int) -> None:
+    """h5py's dataset creation raises ENOSPC after `calls` successful calls (a writer failing mid-file)."""
+    import h5py
+
+    original, count = h5py.Group.create_dataset, [0]
+
+    def create_dataset(self, *args, **kwargs):
+        count[0] += 1
+        if count[0] > calls:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", create_dataset)
+
+
+@pytest.mark.parametrize("where", ["mid-file", "at publication"])
+def test_disk_full_while_writing_leaves_the_published_file_intact(tmp_path, monkeypatch, where):
+    import h5py
+
+    path = tmp_path / "features.h5"
+    _features(path, ["a.png", "b.png"])
+    before = path.read_bytes()
+    if where == "mid-file":
+        _disk_full_after(monkeypatch, 5)  # image c's datasets fit, d's second one does not
+    else:
+        monkeypatch.setattr(h5py.File, "flush", lambda self: (_ for _ in ()).throw(
+            OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(ReconError, match=r"the disk is full while writing .*features.h5'; .* still holds what it "
+                                         r"held before; free space and run again to resume") as raised:
+        with FeatureWriter(path) as writer:
+            for name in ["c.png", "d.png"]:
+                writer.write(name, {"keypoints": np.zeros((3, 2), np.float32), "descriptors": np.zeros((4, 3)),
+                                    "scores": np.ones(3), "image_size": np.array([64, 48])})
+    monkeypatch.undo()
+    assert raised.value.exit_code == 2
+    assert path.read_bytes() == before and not path.with_name("features.h5.partial").exists()
+    with FeatureReader(path) as reader:
+        assert reader.names() == ["a.png", "b.png"] and len(reader.read_keypoints("b.png")) == 6
+
+
+def test_disk_full_during_extraction_is_one_line_and_keeps_the_features(views, tmp_path, capsys, monkeypatch):
+    images = _folder(tmp_path / "images", views)
+    out = tmp_path / "features.h5"
+    assert main(["extract", str(images), str(out), "--max-keypoints", "100"]) == 0
+    (images / "more.png").write_bytes(views[0].read_bytes())
+    _disk_full_after(monkeypatch, 2)
+    code = main(["extract", str(images), str(out), "--max-keypoints", "100"])
+    err = capsys.readouterr().err
+    monkeypatch.undo()
+    assert code == 2 and "Traceback" not in err and "the disk is full while writing" in _error_line(err)
+    with FeatureReader(out) as reader:
+        assert reader.names() == [v.name for v in views]
