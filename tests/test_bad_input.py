@@ -303,3 +303,25 @@ def test_disk_full_during_extraction_is_one_line_and_keeps_the_features(views, t
     assert code == 2 and "Traceback" not in err and "the disk is full while writing" in _error_line(err)
     with FeatureReader(out) as reader:
         assert reader.names() == [v.name for v in views]
+
+
+def test_names_with_spaces_run_through_every_stage(views, tmp_path, capsys):
+    from pairs.io import read_pairs, write_pairs
+
+    pairs = [("IMG 0001.JPG", "b.jpg"), ("it's.png", "tab\tname.png"), ("#1.png", 'say "x".png')]
+    write_pairs(tmp_path / "pairs.txt", pairs)
+    assert read_pairs(tmp_path / "pairs.txt") == pairs
+    assert (tmp_path / "pairs.txt").read_text().splitlines()[0] == "'IMG 0001.JPG' b.jpg"
+
+    images = _folder(tmp_path / "images", views[1:])
+    shutil.copy(views[0], images / "IMG 0001.png")
+    (images / "sub dir").mkdir()
+    shutil.copy(views[1], images / "sub dir" / "IMG 0002.png")
+    code, out, err = _run(capsys, images, tmp_path / "out")
+    assert code == 0, err
+    import pycolmap
+
+    model = pycolmap.Reconstruction(tmp_path / "out" / "sparse" / "0")
+    assert {"IMG 0001.png", "sub dir/IMG 0002.png"} <= {image.name for image in model.images.values()}
+    assert model.num_reg_images() == 5
+    assert (tmp_path / "out" / "undistorted" / "images" / "IMG 0001.png").is_file()

@@ -29,7 +29,7 @@ from pairs.io import read_pairs
 
 from ..options import option, to_dict
 from .calibration import refine_principal_points
-from .database import CameraMode, check_matches_fit, import_features, import_matches
+from .database import CameraMode, check_matches_fit, import_features, import_matches, restore_names
 from .mapping import model_stats, pipeline_options, run_mapper, write_models
 from .verification import verification_error
 from .verifiers import VerifierSettings, verify
@@ -248,6 +248,10 @@ def _reconstruct(inputs: SfMInputs, options: SfMOptions) -> SfMResult:
         models = [refine_principal_points(model, force=options.refine_principal_point == "always")[0]
                   for model in models]
         timings["calibrate"] = time.perf_counter() - start
+    names = list_feature_names(inputs.features)
+    if any([restore_names(model, names) for model in models]):  # and colours, which COLMAP could not read
+        for model in models:
+            model.extract_colors_for_all_images(str(inputs.image_dir))
     model_dir = write_models(models, inputs.sparse_root)
     if len(models) > 1:
         logger.warning("The scene split into %d models; the largest (%d images) is sparse/0",

@@ -70,6 +70,24 @@ def _camera_group(name: str, size: tuple[int, int], mode: CameraMode) -> tuple:
     return (folder, size)  # images of different sizes can never share a camera
 
 
+def colmap_name(name: str) -> str:
+    """The image's name inside COLMAP's database: COLMAP reads pairs files split at spaces, so a name with white
+    space is stored percent-escaped ('IMG 0001.JPG' -> 'IMG%200001.JPG'); the model is written back under the
+    real names (`restore_names`). Other names are kept as they are."""
+    if not any(char.isspace() for char in name):
+        return name
+    return "".join(f"%{ord(char):02X}" if char.isspace() or char == "%" else char for char in name)
+
+
+def restore_names(model: pycolmap.Reconstruction, names: Sequence[str]) -> bool:
+    """Rename a model's images from their database names back to `names`; whether any name changed."""
+    real = {colmap_name(name): name for name in names if colmap_name(name) != name}
+    for image in model.images.values():
+        if image.name in real:
+            image.name = real[image.name]
+    return bool(real)
+
+
 def import_features(
     database_path: str | Path,
     image_dir: str | Path,
@@ -88,6 +106,9 @@ def import_features(
         names = list(image_names) if image_names is not None else features.names()
         if not names:
             raise InputError(f"'{features_path}' holds no features to import")
+        clash = sorted({colmap_name(n) for n in names if colmap_name(n) != n} & set(names))
+        if clash:
+            raise InputError(f"image '{clash[0]}' has the escaped name of another image with spaces; rename it")
         cameras: dict[tuple, int] = {}
         for name in tqdm(names, desc="import", unit="img"):
             data = features.read(name, ["keypoints", "image_size"])
@@ -105,7 +126,7 @@ def import_features(
                 rig_id = db.write_rig(rig)
                 cameras[group + ("rig",)] = rig_id
             camera_id = cameras[group]
-            image_id = db.write_image(pycolmap.Image(name=name, camera_id=camera_id))
+            image_id = db.write_image(pycolmap.Image(name=colmap_name(name), camera_id=camera_id))
             frame = pycolmap.Frame()
             frame.rig_id = cameras[group + ("rig",)]
             frame.add_data_id(
