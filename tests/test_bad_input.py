@@ -103,6 +103,9 @@ def _make_skipped(folder: Path, view: Path) -> None:
     Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "tiny.png")
     Image.new("RGB", (320, 240), (0, 0, 0)).save(folder / "lenscap.jpg")
     os.symlink(folder / "missing-target.jpg", folder / "dangling.jpg")
+    os.mkfifo(folder / "fifo.jpg")  # would block a reader forever
+    (folder / "folder.jpg").mkdir()  # a folder named like an image: not an image, not skipped, just a folder
+    shutil.copy(view, folder / "ünïcødé 写真.png")  # unusual but good: used
 
 
 def test_bad_files_among_good_ones_are_skipped_by_name_and_the_run_finishes(views, tmp_path, capsys, caplog):
@@ -112,17 +115,17 @@ def test_bad_files_among_good_ones_are_skipped_by_name_and_the_run_finishes(view
     assert code == 0, err
     record = json.loads((tmp_path / "out" / "run.json").read_text())
     skipped = {entry["file"]: entry["reason"] for entry in record["skipped"]}
-    assert set(skipped) == {*SKIPPED_KINDS, "dangling.jpg"}
+    assert set(skipped) == {*SKIPPED_KINDS, "dangling.jpg", "fifo.jpg"}
     assert skipped["blank.png"] == skipped["tiny.png"] == skipped["lenscap.jpg"] == "no features"
     assert "dangling" in skipped["dangling.jpg"] and "0 bytes" in skipped["zero.jpg"]
     assert "Mpx limit" in skipped["bomb.png"] and "truncated" in skipped["truncated.jpg"]
-    assert record["result"]["num_registered"] == 4
-    assert "skipped      11:" in out and all(name in out for name in ("zero.jpg", "blank.png"))
+    assert record["result"]["num_registered"] == 5 and skipped["fifo.jpg"] == "not a file"
+    assert "skipped      12:" in out and all(name in out for name in ("zero.jpg", "blank.png"))
     # each skipped file is named in exactly one warning line, and no skipped file reaches the pairs
     for name in skipped:
         assert sum(name in r.getMessage() for r in caplog.records if r.levelname == "WARNING") == 1, name
     pairs = (tmp_path / "out" / "pairs.txt").read_text()
-    assert not any(name in pairs for name in skipped) and len(pairs.splitlines()) == 6
+    assert not any(name in pairs for name in skipped) and len(pairs.splitlines()) == 10
 
 
 def test_a_folder_where_nothing_can_be_matched_ends_with_a_message(views, tmp_path, capsys):
@@ -325,3 +328,73 @@ def test_names_with_spaces_run_through_every_stage(views, tmp_path, capsys):
     assert {"IMG 0001.png", "sub dir/IMG 0002.png"} <= {image.name for image in model.images.values()}
     assert model.num_reg_images() == 5
     assert (tmp_path / "out" / "undistorted" / "images" / "IMG 0001.png").is_file()
+
+
+def _published(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in ("features.h5", "matches.h5", "pairs.txt")}
+
+
+@pytest.fixture(scope="module")
+def finished(views, tmp_path_factory) -> tuple[Path, Path]:
+    """(image folder, OUT) of a finished run, for the refusals that must not touch it."""
+    root = tmp_path_factory.mktemp("finished")
+    images = _folder(root / "images", views)
+    assert main(["run", str(images), str(root / "out"), *FAST]) == 0
+    return images, root / "out"
+
+
+REFUSALS = {
+    # kind: (argv after 'recon', exit code, text of the one error line; {images} {out} {tmp} filled in)
+    "missing image folder": (["run", "{tmp}/nope", "{out}"], 2, "'{tmp}/nope' does not exist"),
+    "folder without images": (["run", "{tmp}/docs", "{out}"], 2, "no images found in '{tmp}/docs'"),
+    "option of the wrong type": (["run", "{images}", "{out}", "--max-keypoints", "many"], 2,
+                                 "max-keypoints: invalid int value: 'many'"),
+    "unknown option value": (["run", "{images}", "{out}", "--features", "siftt"], 2, "siftt"),
+    "image list naming a missing file": (["run", "{images}", "{out}", "--image-list", "{tmp}/list.txt"], 2,
+                                         "1 listed images are not in"),
+    "pairs file naming an unknown image": (["match", "{tmp}/pairs.txt", "{out}/features.h5", "{tmp}/m.h5"], 2,
+                                           "names 1 unknown images, e.g. ['ghost.png']"),
+    "corrupt features file": (["match", "{out}/pairs.txt", "{tmp}/corrupt.h5", "{tmp}/m.h5"], 1,
+                              "'{tmp}/corrupt.h5' is not a readable HDF5 file"),
+}
+
+
+@pytest.mark.parametrize("kind", list(REFUSALS))
+def test_refusals_are_one_line_and_lose_nothing(kind, finished, tmp_path, capsys):
+    images, out = finished
+    before = _published(out)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("no images here")
+    (tmp_path / "list.txt").write_text("camera000001_frame000000.png\nmissing.png\n")
+    (tmp_path / "pairs.txt").write_text("camera000001_frame000000.png ghost.png\n")
+    (tmp_path / "corrupt.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    argv, expected_code, text = REFUSALS[kind]
+    fill = {"images": str(images), "out": str(out), "tmp": str(tmp_path)}
+    try:
+        code = main([arg.format(**fill) for arg in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and code == expected_code
+    lines = [line for line in err.splitlines() if line.startswith("recon: error:")]
+    assert len(lines) == 1 and text.format(**fill) in lines[0], err
+    assert _published(out) == before
+    assert (tmp_path / "corrupt.h5").read_bytes().startswith(b"\x89HDF")  # a corrupt input is never overwritten
+    with FeatureReader(out / "features.h5") as reader:
+        assert len(reader.names()) == 4
+
+
+def test_recon_match_with_a_featureless_image_writes_empty_matches(views, tmp_path):
+    from recon.extract import extract
+    from recon.match import match
+
+    images = _folder(tmp_path / "images", views[:2])
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(images / "blank.png")
+    extract({"name": "sift", "max_keypoints": 300}, images, tmp_path / "f.h5")
+    (tmp_path / "pairs.txt").write_text(f"blank.png {views[0].name}\n{views[0].name} blank.png\n"
+                                        f"{views[0].name} {views[1].name}\n")
+    match("mnn", tmp_path / "pairs.txt", tmp_path / "f.h5", tmp_path / "m.h5")
+    with MatchReader(tmp_path / "m.h5") as reader:
+        assert len(reader.read("blank.png", views[0].name)[0]) == 0
+        assert len(reader.read(views[0].name, "blank.png")[0]) == 0
+        assert len(reader.read(views[0].name, views[1].name)[0]) > 50
