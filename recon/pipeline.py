@@ -20,6 +20,7 @@ Every stage resumes from what its output already holds, so re-running a killed r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -170,9 +171,10 @@ class _Timer(dict):
         return result
 
 
-def _inputs(inputs: str | Path | list[str | Path], out_dir: Path, config: RunConfig,
-            timed: _Timer) -> tuple[Path, list[str], RunConfig, dict | None]:
-    """(image folder, image names, config, frames record): video input goes through the frames stage first."""
+def _inputs(inputs: str | Path | list[str | Path], out_dir: Path, config: RunConfig, timed: _Timer,
+            claim_output) -> tuple[Path, list[str], RunConfig, dict | None]:
+    """(image folder, image names, config, frames record): video input goes through the frames stage first.
+    `claim_output()` creates and locks OUT once the options are checked (nothing is created for a bad option)."""
     given = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     if not has_video(given):
         if len(given) != 1:
@@ -180,9 +182,10 @@ def _inputs(inputs: str | Path | list[str | Path], out_dir: Path, config: RunCon
         image_dir = Path(given[0])
         names = list_images(image_dir, config.image_list)
         config.check(len(names))
+        claim_output()
         return image_dir, names, config, None
     config.for_video(["video"]).check(100)  # options and weights checked before decoding
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_output()
     image_dir = timed("frames", write_frames, given, out_dir, config.frames)
     names = frame_names(out_dir)
     if config.image_list is not None:
@@ -196,9 +199,15 @@ def run(inputs: str | Path | list[str | Path], out_dir: str | Path, config: RunC
     """`inputs`: an image folder, or videos / a folder with videos (see the module docstring). One run at a time
     per output folder (recon.lock)."""
     config = config or RunConfig()
-    out_dir = output_folder(out_dir)
-    with OutputLock(out_dir, wait=config.wait):
-        return _run_locked(inputs, out_dir, config)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output path '{out_dir}' is an existing file; give a folder")
+    with contextlib.ExitStack() as stack:
+        def claim_output() -> None:
+            output_folder(out_dir)
+            stack.enter_context(OutputLock(out_dir, wait=config.wait))
+
+        return _run_locked(inputs, out_dir, config, claim_output)
 
 
 def output_folder(out_dir: str | Path) -> Path:
@@ -235,9 +244,9 @@ def _need_two_views(names: list[str], skipped: list[dict[str, str]]) -> None:
                      "overlapping photos of the scene")
 
 
-def _run_locked(inputs, out_dir: Path, config: RunConfig) -> RunResult:
+def _run_locked(inputs, out_dir: Path, config: RunConfig, claim_output) -> RunResult:
     timed = _Timer()
-    image_dir, names, config, frames_record = _inputs(inputs, out_dir, config, timed)
+    image_dir, names, config, frames_record = _inputs(inputs, out_dir, config, timed, claim_output)
     names, skipped = screen_images(image_dir, names, decode=config.dense_mode and
                                    parse_matcher_name(config.match.matcher)[0] is None)
     _need_two_views(names, skipped)
