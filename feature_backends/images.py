@@ -216,7 +216,10 @@ def _read_with_pil(path: Path) -> np.ndarray:
 def _read_with_opencv(path: Path) -> np.ndarray:
     # Fallback for what PIL cannot decode, e.g. 16-bit RGB TIFF. imdecode from bytes handles non-ASCII paths.
     data = np.fromfile(path, dtype=np.uint8)
-    array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
+    try:  # OpenCV asserts (cv2.error) on an empty buffer instead of returning None
+        array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH) if data.size else None
+    except cv2.error:
+        array = None
     if array is None:
         raise ImageReadError(f"cannot decode image '{path}'")
     if array.ndim == 2:

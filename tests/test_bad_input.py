@@ -398,3 +398,14 @@ def test_recon_match_with_a_featureless_image_writes_empty_matches(views, tmp_pa
         assert len(reader.read("blank.png", views[0].name)[0]) == 0
         assert len(reader.read(views[0].name, "blank.png")[0]) == 0
         assert len(reader.read(views[0].name, views[1].name)[0]) > 50
+
+
+def test_recon_extract_alone_skips_an_empty_file_and_a_bomb(views, tmp_path, capsys):
+    images = _folder(tmp_path / "images", views[:2])
+    (images / "zero.jpg").write_bytes(b"")
+    (images / "bomb.png").write_bytes(_png_declaring(60000, 60000))
+    assert main(["extract", str(images), str(tmp_path / "f.h5"), "--max-keypoints", "50"]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    with FeatureReader(tmp_path / "f.h5") as reader:
+        assert reader.names() == [v.name for v in views[:2]]
