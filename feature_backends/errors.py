@@ -30,3 +30,9 @@ class ConfigError(ReconError, ValueError):
     """An unknown backend name, an unknown configuration key or an invalid value."""
 
     exit_code = 2
+
+
+class OutputError(ReconError):
+    """The output cannot be written: a path that is a file, a read-only folder, a full disk."""
+
+    exit_code = 2

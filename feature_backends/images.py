@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,7 +31,10 @@ _EXIF_ORIENTATION_TAG = 0x0112
 def list_images(image_dir: str | Path, image_list: Sequence[str] | None = None) -> list[str]:
     """Relative '/'-separated names of all images below `image_dir` (recursive, sorted).
 
-    With `image_list`, those names are checked to exist and returned in the given order.
+    With `image_list`, those names are checked to exist and returned in the given order. Symbolic links are
+    followed, but each real folder and file is listed once: a link loop (or a second link to the same folder)
+    is named in one warning and not entered again. Two names that map to the same hloc pair key ('/' becomes
+    '-', so 'a/x.png' and 'a-x.png') are refused with both names, since one would overwrite the other's matches.
     """
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
@@ -40,18 +43,120 @@ def list_images(image_dir: str | Path, image_list: Sequence[str] | None = None) 
         missing = [name for name in image_list if not (image_dir / name).is_file()]
         if missing:
             raise InputError(f"{len(missing)} listed images are not in '{image_dir}', e.g. {missing[:3]}")
+        check_pair_keys(image_list)
         return list(image_list)
-    names = []
-    for root, dirs, files in os.walk(image_dir, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for file in files:
-            if not file.startswith(".") and Path(file).suffix.lower() in IMAGE_EXTENSIONS:
-                names.append((Path(root) / file).relative_to(image_dir).as_posix())
+    names = _walk_once(image_dir)
     if not names:
         raise InputError(
             f"no images found in '{image_dir}' (looked recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
+    check_pair_keys(names)
+    return names
+
+
+def _walk_once(image_dir: Path) -> list[str]:
+    """Image names below `image_dir`, following links but entering each real folder and real file once."""
+    seen_dirs = {os.path.realpath(image_dir)}
+    seen_files: set[str] = set()
+    loops: list[str] = []
+    names = []
+    for root, dirs, files in os.walk(image_dir, followlinks=True):
+        kept = []
+        # Real folders and files before links to them, so that the names kept are the real ones.
+        for d in sorted((d for d in dirs if not d.startswith(".")), key=lambda d: (_is_link(root, d), d)):
+            real = os.path.realpath(os.path.join(root, d))
+            if real in seen_dirs:
+                loops.append((Path(root) / d).relative_to(image_dir).as_posix())
+                continue
+            seen_dirs.add(real)
+            kept.append(d)
+        dirs[:] = kept
+        for file in sorted(files, key=lambda f: (_is_link(root, f), f)):
+            if file.startswith(".") or Path(file).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = Path(root) / file
+            real = os.path.realpath(path)
+            if real in seen_files and path.exists():
+                continue  # a second link to a file already listed
+            seen_files.add(real)
+            names.append(path.relative_to(image_dir).as_posix())
+    if loops:
+        logger.warning("Not following %d linked folder(s) already listed (a symlink loop?): %s", len(loops),
+                       ", ".join(loops[:5]))
     return sorted(names)
+
+
+def _is_link(root: str, name: str) -> bool:
+    return os.path.islink(os.path.join(root, name))
+
+
+def check_pair_keys(names: Iterable[str]) -> None:
+    """Refuse two images whose hloc pair keys collide ('/' -> '-'): one would silently overwrite the other."""
+    owners: dict[str, str] = {}
+    for name in names:
+        key = name.replace("/", "-")
+        if key in owners and owners[key] != name:
+            raise InputError(f"images '{owners[key]}' and '{name}' have the same key in hloc's matches.h5 "
+                             f"('{key}'); rename one of them (or leave one out with --image-list)")
+        owners[key] = name
+
+
+# Pillow's own guard warns above ~89 Mpx and only raises at twice that; recon sets its limit explicitly and
+# skips an image whose header declares more pixels (a decompression bomb, or a panorama no detector needs).
+MAX_IMAGE_PIXELS = 250_000_000
+Image.MAX_IMAGE_PIXELS = None  # recon's own check below replaces Pillow's warning path
+
+
+def screen_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, decode: bool = False) -> str | None:
+    """Why `path` cannot be used, from its header alone (None if it looks usable): a dangling link, an empty
+    file, a file that is no image, or a declared size above `max_pixels`. Truncated files pass the header check
+    and are caught when decoded: by extraction, or here with `decode` (for stages that decode no earlier)."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"dangling symbolic link to '{os.readlink(path)}'"
+    if not path.is_file():
+        return "not a file"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        # What PIL cannot open (16-bit RGB TIFF, …) may still decode with OpenCV, as in read_image.
+        if cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED) is None:
+            return "not a readable image"
+        return None
+    if width * height > max_pixels:
+        return f"declared size {width}x{height} is above the {max_pixels // 1_000_000} Mpx limit"
+    if width < 1 or height < 1:
+        return "image has no pixels"
+    if decode:
+        try:
+            read_image(path)
+        except ImageReadError as error:
+            return str(error)
+    return None
+
+
+def screen_images(image_dir: str | Path, names: Sequence[str],
+                  decode: bool = False) -> tuple[list[str], list[dict[str, str]]]:
+    """(usable names, [{"file", "reason"}] for the others), in one warning line for all that are skipped."""
+    image_dir = Path(image_dir)
+    usable, skipped = [], []
+    for name in names:
+        reason = screen_image(image_dir / name, decode=decode)
+        if reason is None:
+            usable.append(name)
+        else:
+            skipped.append({"file": name, "reason": reason})
+    if skipped:
+        logger.warning("Skipping %d image(s): %s", len(skipped), describe_skipped(skipped))
+    return usable, skipped
+
+
+def describe_skipped(skipped: Sequence[Mapping[str, str]], limit: int = 10) -> str:
+    text = "; ".join(f"{s['file']} ({s['reason']})" for s in skipped[:limit])
+    return text + (f"; and {len(skipped) - limit} more" if len(skipped) > limit else "")
 
 
 def exif_orientation(path: str | Path) -> int:
@@ -94,6 +199,9 @@ def _to_unit_float(array: np.ndarray) -> np.ndarray:
 
 def _read_with_pil(path: Path) -> np.ndarray:
     with Image.open(path) as image:
+        if image.size[0] * image.size[1] > MAX_IMAGE_PIXELS:
+            raise ImageReadError(f"image '{path}' declares {image.size[0]}x{image.size[1]} pixels, above the "
+                                 f"{MAX_IMAGE_PIXELS // 1_000_000} Mpx limit")
         image = ImageOps.exif_transpose(image)
         image.load()
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -108,7 +216,10 @@ def _read_with_pil(path: Path) -> np.ndarray:
 def _read_with_opencv(path: Path) -> np.ndarray:
     # Fallback for what PIL cannot decode, e.g. 16-bit RGB TIFF. imdecode from bytes handles non-ASCII paths.
     data = np.fromfile(path, dtype=np.uint8)
-    array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
+    try:  # OpenCV asserts (cv2.error) on an empty buffer instead of returning None
+        array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH) if data.size else None
+    except cv2.error:
+        array = None
     if array is None:
         raise ImageReadError(f"cannot decode image '{path}'")
     if array.ndim == 2:

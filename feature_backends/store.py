@@ -25,6 +25,8 @@ checkpoint interval, and the next run resumes from the published file. HDF5 itse
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -37,12 +39,15 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import ConfigError, InputError, ReconError
+from .errors import ConfigError, InputError, OutputError, ReconError
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _CONF_ATTR = "recon_conf"
+# matches.h5: per image, the fingerprint of the features the matches index (a dataset of JSON bytes, since
+# attributes are limited to 64 kB; the leading '.' keeps it apart from pair keys, as no image name starts so).
+_FINGERPRINTS = ".recon-features"
 
 
 def names_to_pair(name0: str, name1: str, separator: str = "/") -> str:
@@ -61,6 +66,19 @@ def _open_for_reading(path: str | Path) -> h5py.File:
         return h5py.File(path, "r", locking=False)
     except OSError as error:
         raise ReconError(f"'{path}' is not a readable HDF5 file ({error}); delete it to recompute") from error
+
+
+def _output_error(path: Path, error: OSError) -> ReconError:
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error)
+    what = "the disk is full" if full else f"writing failed ({error})"
+    kept = f"'{path}' still holds what it held before" if path.exists() else f"'{path}' was not written"
+    return OutputError(f"{what} while writing '{path}'; {kept}; free space and run again to resume")
+
+
+def _read_fingerprints(file: h5py.File) -> dict[str, str] | None:
+    if _FINGERPRINTS not in file:
+        return None
+    return json.loads(file[_FINGERPRINTS][()].tobytes().decode())
 
 
 def _walk_datasets_parent(group: h5py.Group, marker: str, prefix: str = "") -> Iterator[str]:
@@ -89,7 +107,11 @@ class _Journal:
             self.partial.unlink()
         if self.path.exists():
             _open_for_reading(self.path).close()  # a corrupt file is reported, never silently overwritten
-            shutil.copyfile(self.path, self.partial)
+            try:
+                shutil.copyfile(self.path, self.partial)
+            except OSError as error:
+                self.partial.unlink(missing_ok=True)
+                raise _output_error(self.path, error) from error
         self.file = h5py.File(self.partial, "a", locking=False)
         self._check_conf(conf)
         self._last_checkpoint = time.monotonic()
@@ -119,6 +141,22 @@ class _Journal:
             self.publish(reopen=True)
 
     def publish(self, reopen: bool) -> None:
+        try:
+            self._publish(reopen)
+        except OSError as error:
+            self.discard()
+            raise _output_error(self.path, error) from error
+
+    def discard(self) -> None:
+        """Drop the journal (after a failed write): the published file keeps what it held."""
+        try:
+            if self.file.id.valid:
+                self.file.close()
+        except OSError:
+            pass
+        self.partial.unlink(missing_ok=True)
+
+    def _publish(self, reopen: bool) -> None:
         if self.before_publish is not None:  # e.g. publish the keypoints these matches refer to first
             self.before_publish()
         self.file.flush()
@@ -171,6 +209,13 @@ class _Writer(_Closing):
 
     def close(self) -> None:
         self._journal.close()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and issubclass(exc_type, OSError):
+            # A failed write (a full disk, an I/O error) may have left the journal half-written: never publish it.
+            self._journal.discard()
+            raise _output_error(self.path, exc) from exc
+        self.close()
 
     def publish(self) -> None:
         """Publish what was written so far now (a checkpoint out of turn); nothing if nothing was written."""
@@ -273,6 +318,31 @@ class MatchWriter(_Writer):
     def has(self, name0: str, name1: str) -> bool:
         return _find_pair(self._file, name0, name1) is not None
 
+    def adopt_features(self, current: Mapping[str, str]) -> set[str]:
+        """Record the fingerprints of the features the matches are made from (`feature_fingerprint`); return
+        the images whose stored pairs were made from other features and were therefore dropped. A file without
+        a record (hloc's, or an older recon's) is trusted as before."""
+        stored = _read_fingerprints(self._file)
+        stale = set() if stored is None else {n for n, f in current.items() if stored.get(n, f) != f}
+        if stale:
+            flat = {name.replace("/", "-") for name in stale}
+            for key0 in list(self._file.keys()):
+                item = self._file[key0]
+                if not isinstance(item, h5py.Group):
+                    continue
+                if key0 in flat:
+                    del self._file[key0]
+                    continue
+                for key1 in [k for k in item.keys() if k in flat]:
+                    del item[key1]
+        merged = {**(stored or {}), **current}
+        if merged != stored:
+            if _FINGERPRINTS in self._file:
+                del self._file[_FINGERPRINTS]
+            self._file.create_dataset(_FINGERPRINTS, data=np.frombuffer(json.dumps(merged).encode(), np.uint8))
+            self._committed()
+        return stale
+
     def read_raw(self, name0: str, name1: str) -> tuple[dict[str, np.ndarray], bool]:
         """What `MatchReader.read_raw` returns, from the file being written."""
         key, reversed_ = _find_pair(self._file, name0, name1)
@@ -356,6 +426,11 @@ class FeatureReader(_Reader):
         keypoints = self._file[name]["keypoints"]
         return len(keypoints), int(keypoints.attrs.get("detected", len(keypoints)))
 
+    def fingerprint(self, name: str) -> str:
+        """'<keypoint count>:<hash of the keypoints>': what a matches file must have been made from."""
+        keypoints = np.ascontiguousarray(self._file[name]["keypoints"][()], dtype=np.float32)
+        return f"{len(keypoints)}:{hashlib.blake2b(keypoints.tobytes(), digest_size=8).hexdigest()}"
+
     def uncertainty(self, name: str) -> float | None:
         value = self._file[name]["keypoints"].attrs.get("uncertainty")
         return None if value is None else float(value)
@@ -364,6 +439,10 @@ class FeatureReader(_Reader):
 
 class MatchReader(_Reader):
     """Read a matches.h5 (ours or hloc's), finding reversed and legacy pair keys."""
+
+    def feature_fingerprints(self) -> dict[str, str] | None:
+        """Per image, the fingerprint of the features these matches were made from (None: not recorded)."""
+        return _read_fingerprints(self._file)
 
     def has(self, name0: str, name1: str) -> bool:
         return _find_pair(self._file, name0, name1) is not None
@@ -413,6 +492,12 @@ def read_global_descriptors(path: str | Path, names: Iterable[str] | None = None
 def list_feature_names(path: str | Path) -> list[str]:
     with FeatureReader(path) as reader:
         return reader.names()
+
+
+def keypoint_counts(path: str | Path, names: Iterable[str]) -> dict[str, int]:
+    """Keypoints stored per image, for those of `names` that are in the features file."""
+    with FeatureReader(path) as reader:
+        return {name: reader.keypoint_counts(name)[0] for name in names if name in reader}
 
 
 def read_stored_conf(path: str | Path) -> dict[str, Any] | None:

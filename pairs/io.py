@@ -1,11 +1,14 @@
 """pairs.txt, as hloc writes it: one `name0 name1` per line.
 
-Image names may contain spaces in the wild; like hloc we split on whitespace, so such names cannot be
-represented, and writing one is refused rather than producing an unreadable file.
+Image names may contain spaces in the wild (`IMG 0001.JPG`), which hloc's whitespace split cannot represent.
+recon writes such a name in shell quoting (`'IMG 0001.JPG' IMG_0002.JPG`, Python's shlex) and reads quoted lines
+back the same way; every other line is plain hloc. A pairs file with quoted names is recon's, not hloc's: hloc
+would read the quotes as part of the name (README, "Resume and bad input").
 """
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,7 +24,10 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        parts = line.split()
+        try:
+            parts = shlex.split(line, posix=True) if ("'" in line or '"' in line) else line.split()
+        except ValueError as error:
+            raise InputError(f"{path}:{number}: {error} in '{line}'") from error
         if len(parts) < 2:
             raise InputError(f"{path}:{number}: expected 'name0 name1', got '{line}'")
         pairs.append((parts[0], parts[1]))
@@ -33,9 +39,7 @@ def write_pairs(path: str | Path, pairs: Iterable[tuple[str, str]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for name0, name1 in pairs:
-        if any(char.isspace() for char in name0 + name1):
-            raise InputError(f"image names with white space cannot be written to a pairs file: '{name0}', '{name1}'")
-        lines.append(f"{name0} {name1}\n")
+        lines.append(f"{quote_name(name0)} {quote_name(name1)}\n")
     content = "".join(lines)
     if path.is_file() and path.read_text(encoding="utf-8") == content:
         return path  # unchanged: keep the mtime so later stages see up-to-date inputs
@@ -43,6 +47,12 @@ def write_pairs(path: str | Path, pairs: Iterable[tuple[str, str]]) -> Path:
     tmp.write_text(content, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def quote_name(name: str) -> str:
+    """`name` as written in a pairs file: as is, or shell-quoted when it holds white space or a quote."""
+    needs = any(char.isspace() for char in name) or "'" in name or '"' in name or name.startswith("#")
+    return shlex.quote(name) if needs else name
 
 
 def pair_key(name0: str, name1: str) -> tuple[str, str]:

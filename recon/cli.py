@@ -11,6 +11,7 @@ input or options); SIGTERM is turned into KeyboardInterrupt so every open output
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
 import sys
@@ -241,6 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReconError as error:
         print(f"recon: error: {error}", file=sys.stderr)
         return error.exit_code
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        print(f"recon: error: {error.strerror}: '{error.filename}'; free space or choose a writable output folder",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("recon: interrupted; finished work is saved, run the same command again to resume", file=sys.stderr)
         return 130

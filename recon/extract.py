@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from feature_backends import registry
 from feature_backends.errors import ImageReadError, InputError
-from feature_backends.images import iter_images, list_images
+from feature_backends.images import describe_skipped, iter_images, list_images
 from feature_backends.store import FeatureWriter
 
 from .executor import ExecutorOptions, run_tasks
@@ -141,9 +141,12 @@ def extract(
     as_half: bool | None = None,
     mask_dir: str | Path | None = None,
     executor: ExecutorOptions | None = None,
+    skipped: list[dict[str, str]] | None = None,
 ) -> Path:
     """Write features.h5 for every image not in it yet. `executor`: where the model runs (recon.executor); with
-    Ray, images are sharded over workers and the results written here, by the one writer."""
+    Ray, images are sharded over workers and the results written here, by the one writer. An image that cannot be
+    decoded is named in one warning and skipped (appended to `skipped` as {"file", "reason"})."""
+    skipped = [] if skipped is None else skipped
     if isinstance(options, ExtractOptions):
         as_half = options.as_half if as_half is None else as_half
         mask_dir = options.mask_dir if mask_dir is None else mask_dir
@@ -170,13 +173,11 @@ def extract(
         else:
             images = iter_images(image_dir, todo, grayscale=worker.model.conf.grayscale)
             results = (worker.one(image_name, image) for image_name, image in images)
-        skipped = []
         for image_name, features, uncertainty in tqdm(results, total=len(todo), desc=f"extract {name}", unit="img"):
             if isinstance(features, str):
-                logger.warning("Skipping %s: %s", image_name, features)
-                skipped.append(image_name)
+                skipped.append({"file": image_name, "reason": features})
                 continue
             writer.write(image_name, features, uncertainty=uncertainty)
     if skipped:
-        logger.warning("%d unreadable images were skipped: %s", len(skipped), ", ".join(skipped[:10]))
+        logger.warning("Skipped %d image(s) that cannot be decoded: %s", len(skipped), describe_skipped(skipped))
     return Path(export_path)

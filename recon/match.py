@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from feature_backends import registry
@@ -86,7 +87,12 @@ def match(
         check_names(pairs, reader.names(), f"pairs file '{pairs_path}'")
         cache = ByteBudgetCache(reader.read, max_bytes=1 << 30)  # pairs revisit the same images
         with MatchWriter(matches_path, conf=record) as writer:
-            todo = pending_pairs(writer, pairs, matches_path)
+            current = {name: reader.fingerprint(name) for name in sorted({n for pair in pairs for n in pair})}
+            stale = writer.adopt_features(current)
+            if stale:
+                logger.warning("Recomputing the stored pairs of %d image(s) whose features changed since %s was "
+                               "written: %s", len(stale), matches_path, ", ".join(sorted(stale)[:5]))
+            todo = _write_featureless(writer, pending_pairs(writer, pairs, matches_path), cache)
             tasks = ((name0, cache[name0], [(name1, cache[name1]) for name1 in partners])
                      for name0, partners in _batches_by_first_image(todo, cache))
             results = run_tasks(executor, MatchWorker, (name, conf, device), tasks) if distributed else \
@@ -106,6 +112,19 @@ def pending_pairs(writer, pairs, matches_path) -> list[tuple[str, str]]:
     if len(todo) < len(pairs):
         logger.info("Resuming: %d of %d pairs already in %s", len(pairs) - len(todo), len(pairs), matches_path)
     return todo
+
+
+def _write_featureless(writer, pairs, cache: ByteBudgetCache) -> list[tuple[str, str]]:
+    """Write the (empty) matches of pairs where an image has no keypoints; return the other pairs."""
+    rest = []
+    for name0, name1 in pairs:
+        if len(cache[name0]["keypoints"]) and len(cache[name1]["keypoints"]):
+            rest.append((name0, name1))
+        else:
+            count = len(cache[name0]["keypoints"])
+            writer.write(name0, name1, {"matches0": np.full(count, -1, np.int32),
+                                        "matching_scores0": np.zeros(count, np.float32)})
+    return rest
 
 
 def _batches_by_first_image(pairs, cache: ByteBudgetCache, max_elements: int = 1 << 25):

@@ -23,16 +23,18 @@ Every stage resumes from what its output already holds, so re-running a killed r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from feature_backends import registry
-from feature_backends.errors import ConfigError, InputError, ReconError
-from feature_backends.images import list_images
-from feature_backends.store import list_feature_names
+from feature_backends.errors import ConfigError, InputError, OutputError, ReconError
+from feature_backends.images import describe_skipped, list_images, screen_images
+from feature_backends.store import keypoint_counts
 from pairs.io import read_name_list
 from pairs.planner import PairOptions
 
@@ -40,6 +42,7 @@ from .dense import DenseOptions, is_dense_matcher, match_dense, parse_matcher_na
 from .executor import ExecutorOptions
 from .export import ExportOptions, export
 from .extract import ExtractOptions, extract
+from .lock import OutputLock
 from .frames import FRAMES_RECORD, FrameOptions, frame_names, has_video, sequence_folders, write_frames
 from .match import MatchOptions, match
 from .options import option, to_dict
@@ -72,6 +75,8 @@ class RunConfig:
     image_list: list[str] | None = option(None, flags=("--image-list",), metavar="FILE",
                                           argparse={"type": read_name_list},
                                           help="file of image names to use (default: every image in the folder)")
+    wait: bool = option(False, flags=("--wait",),
+                        help="wait for another recon run on the same output folder to finish instead of refusing")
 
     def for_video(self, sequences: list[str]) -> RunConfig:
         """The defaults that fit video frames: each video a sequence (sequential pairs with loop closure and
@@ -142,6 +147,7 @@ class RunResult:
     sfm: SfMResult
     timings: dict[str, float]
     exports: dict[str, str]
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         sfm = self.sfm
@@ -159,6 +165,8 @@ class RunResult:
             f"  model        {sfm.sparse_dir}",
         ]
         lines += [f"  {fmt:<12} {path}" for fmt, path in self.exports.items()]
+        if self.skipped:
+            lines.append(f"  skipped      {len(self.skipped)}: {describe_skipped(self.skipped)}")
         return "\n".join(lines)
 
     def _stage_time(self, stage: str, seconds: float) -> str:
@@ -185,9 +193,10 @@ class _Timer(dict):
         return result
 
 
-def _inputs(inputs: str | Path | list[str | Path], out_dir: Path, config: RunConfig,
-            timed: _Timer) -> tuple[Path, list[str], RunConfig, dict | None]:
-    """(image folder, image names, config, frames record): video input goes through the frames stage first."""
+def _inputs(inputs: str | Path | list[str | Path], out_dir: Path, config: RunConfig, timed: _Timer,
+            claim_output) -> tuple[Path, list[str], RunConfig, dict | None]:
+    """(image folder, image names, config, frames record): video input goes through the frames stage first.
+    `claim_output()` creates and locks OUT once the options are checked (nothing is created for a bad option)."""
     given = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     if not has_video(given):
         if len(given) != 1:
@@ -195,9 +204,10 @@ def _inputs(inputs: str | Path | list[str | Path], out_dir: Path, config: RunCon
         image_dir = Path(given[0])
         names = list_images(image_dir, config.image_list)
         config.check(len(names))
+        claim_output()
         return image_dir, names, config, None
     config.for_video(["video"]).check(100)  # options and weights checked before decoding
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_output()
     image_dir = timed("frames", write_frames, given, out_dir, config.frames)
     names = frame_names(out_dir)
     if config.image_list is not None:
@@ -208,30 +218,79 @@ def _inputs(inputs: str | Path | list[str | Path], out_dir: Path, config: RunCon
 
 
 def run(inputs: str | Path | list[str | Path], out_dir: str | Path, config: RunConfig | None = None) -> RunResult:
-    """`inputs`: an image folder, or videos / a folder with videos (see the module docstring)."""
+    """`inputs`: an image folder, or videos / a folder with videos (see the module docstring). One run at a time
+    per output folder (recon.lock)."""
     config = config or RunConfig()
-    with ProgressSink(config.progress_json) as sink:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output path '{out_dir}' is an existing file; give a folder")
+    with contextlib.ExitStack() as stack:
+        def claim_output() -> None:
+            output_folder(out_dir)
+            stack.enter_context(OutputLock(out_dir, wait=config.wait))
+
+        sink = stack.enter_context(ProgressSink(config.progress_json))
         start = time.perf_counter()
-        result = _run(inputs, Path(out_dir), config, _Timer(sink))
+        result = _run_locked(inputs, out_dir, config, claim_output, _Timer(sink))
         sink.emit("run_end", seconds=round(time.perf_counter() - start, 3), num_images=result.num_images,
                   registered=result.sfm.num_registered, models=result.sfm.num_models)
-    return result
+        return result
 
 
-def _run(inputs, out_dir: Path, config: RunConfig, timed: _Timer) -> RunResult:
+def output_folder(out_dir: str | Path) -> Path:
+    """`out_dir`, created; an existing file or a folder recon cannot write is refused in one line."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output path '{out_dir}' is an existing file; give a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".recon-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OutputError(f"cannot write to output folder '{out_dir}' ({error.strerror}); choose a writable "
+                         "folder") from error
+    return out_dir
+
+
+def usable_for_matching(features_path: Path, names: list[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """The images with keypoints in `features_path`, and those without ("no features": blank, 1x1, lens cap)."""
+    counts = keypoint_counts(features_path, names)
+    usable = [name for name in names if counts.get(name, 0) > 0]
+    none = [{"file": name, "reason": "no features"} for name in names if name in counts and counts[name] == 0]
+    if none:
+        logger.warning("Skipping %d image(s) for matching: %s", len(none), describe_skipped(none))
+    return usable, none
+
+
+def _need_two_views(names: list[str], skipped: list[dict[str, str]]) -> None:
+    if len(names) >= 2:
+        return
+    detail = f"; skipped: {describe_skipped(skipped, 3)}" if skipped else ""
+    raise InputError(f"SfM needs at least two views, and {len(names)} usable image(s) remain{detail}; add "
+                     "overlapping photos of the scene")
+
+
+def _run_locked(inputs, out_dir: Path, config: RunConfig, claim_output, timed: _Timer) -> RunResult:
     sink = timed.sink
-    image_dir, names, config, frames_record = _inputs(inputs, out_dir, config, timed)
+    image_dir, names, config, frames_record = _inputs(inputs, out_dir, config, timed, claim_output)
     sink.emit("run_start", out_dir=str(out_dir), image_dir=str(image_dir), num_images=len(names))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    names, skipped = screen_images(image_dir, names, decode=config.dense_mode and
+                                   parse_matcher_name(config.match.matcher)[0] is None)
+    _need_two_views(names, skipped)
     features_path, matches_path = out_dir / "features.h5", out_dir / "matches.h5"
-
-    pairs_plan = timed("pairs", plan_pairs, image_dir, out_dir / "pairs.txt", config.pairs, names, config.device)
     pairs_path = out_dir / "pairs.txt"
-    sink.emit("items", stage="pairs", done=len(pairs_plan.pairs), total=len(pairs_plan.pairs))
     anchor, _ = parse_matcher_name(config.match.matcher) if config.dense_mode else (None, None)
     if not config.dense_mode or anchor is not None:
+        undecodable: list[dict[str, str]] = []
         timed("extract", extract, config.extract_options(), image_dir, features_path, names, config.device,
-              executor=config.executor)
+              executor=config.executor, skipped=undecodable)
+        names, featureless = usable_for_matching(features_path, names)
+        skipped += undecodable + featureless
+        _need_two_views(names, skipped)
+        sink.emit("items", stage="extract", done=len(names), total=len(names) + len(skipped), skipped=len(skipped))
+    pairs_plan = timed("pairs", plan_pairs, image_dir, pairs_path, config.pairs, names, config.device)
+    sink.emit("items", stage="pairs", done=len(pairs_plan.pairs), total=len(pairs_plan.pairs))
     if config.dense_mode:
         timed("match", match_dense, config.match.backend_conf(), pairs_path, image_dir, features_path,
               matches_path, config.dense, config.device, mask_dir=config.extract.mask_dir, executor=config.executor)
@@ -239,16 +298,13 @@ def _run(inputs, out_dir: Path, config: RunConfig, timed: _Timer) -> RunResult:
         timed("match", match, config.match, pairs_path, features_path, matches_path, config.device,
               executor=config.executor)
     sink.emit("items", stage="match", done=len(pairs_plan.pairs), total=len(pairs_plan.pairs))
-    extracted = set(list_feature_names(features_path)) if features_path.is_file() else set()
-    skipped = [name for name in names if name not in extracted]
-    sink.emit("items", stage="features", done=len(names) - len(skipped), total=len(names), skipped=len(skipped))
     try:
         sfm = timed("sfm", reconstruct, out_dir, image_dir, pairs_path, features_path, matches_path, config.sfm)
     except ReconError:  # no model at all: the report is what tells the user why, view by view
         if config.write_report:
             _write_report(timed, out_dir, config, image_dir)
         raise
-    sink.emit("items", stage="sfm", done=sfm.num_registered, total=len(names), models=sfm.num_models)
+    sink.emit("items", stage="sfm", done=sfm.num_registered, total=len(names) + len(skipped), models=sfm.num_models)
     export_options = config.export
     if export_options.mask_dir is None and config.extract.mask_dir is not None:
         export_options = replace(export_options, mask_dir=config.extract.mask_dir)
@@ -259,8 +315,8 @@ def _run(inputs, out_dir: Path, config: RunConfig, timed: _Timer) -> RunResult:
         splat_config = replace(config.splat, device=config.splat.device or config.device)
         written["splats"] = timed("splat", splat, out_dir, splat_config)
 
-    result = RunResult(out_dir, len(names), pairs_plan.method, len(pairs_plan.pairs), sfm, dict(timed),
-                       {fmt: str(path) for fmt, path in written.items()})
+    result = RunResult(out_dir, len(names) + len(skipped), pairs_plan.method, len(pairs_plan.pairs), sfm,
+                       dict(timed), {fmt: str(path) for fmt, path in written.items()}, skipped)
     record = {"image_dir": str(image_dir.resolve()), "config": to_dict(config), "result": sfm.to_dict(),
               "timings": dict(timed), "pairs_method": pairs_plan.method, "num_pairs": len(pairs_plan.pairs),
               "skipped": skipped}

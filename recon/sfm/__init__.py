@@ -29,8 +29,8 @@ from pairs.io import read_pairs
 
 from ..options import option, to_dict
 from .calibration import refine_principal_points
-from .database import CameraMode, import_features, import_matches
 from .auto import map_scene
+from .database import CameraMode, check_matches_fit, import_features, import_matches, restore_names
 from .mapping import model_stats, pipeline_options, write_models
 from .priors import align_to_priors
 from .verification import verification_error
@@ -225,6 +225,7 @@ def _import_and_verify(inputs: SfMInputs, options: SfMOptions, database: Path, t
     pairs = read_pairs(inputs.pairs)
     image_ids = import_features(database, inputs.image_dir, inputs.features, options.camera_mode,
                                 options.camera_model, prior_std=options.pose_prior_std)
+    check_matches_fit(inputs.features, inputs.matches, sorted({name for pair in pairs for name in pair}))
     match_counts = import_matches(database, image_ids, pairs, inputs.matches, options.min_match_score)
     timings["import"] = time.perf_counter() - start
     logger.info("Imported %d pairs with %d raw matches", len(pairs), sum(match_counts.values()))
@@ -277,6 +278,10 @@ def _reconstruct(inputs: SfMInputs, options: SfMOptions) -> SfMResult:
     if options.use_pose_priors:  # every model into the GPS frame; the largest one's alignment is recorded
         alignments = [align_to_priors(model, database, options.pose_prior_std) for model in models]
         engine_extra["georeference"] = alignments[0]
+    names = list_feature_names(inputs.features)
+    if any([restore_names(model, names) for model in models]):  # and colours, which COLMAP could not read
+        for model in models:
+            model.extract_colors_for_all_images(str(inputs.image_dir))
     model_dir = write_models(models, inputs.sparse_root)
     if len(models) > 1:
         logger.warning("The scene split into %d models; the largest (%d images) is sparse/0",

@@ -72,6 +72,24 @@ def _camera_group(name: str, size: tuple[int, int], mode: CameraMode) -> tuple:
     return (folder, size)  # images of different sizes can never share a camera
 
 
+def colmap_name(name: str) -> str:
+    """The image's name inside COLMAP's database: COLMAP reads pairs files split at spaces, so a name with white
+    space is stored percent-escaped ('IMG 0001.JPG' -> 'IMG%200001.JPG'); the model is written back under the
+    real names (`restore_names`). Other names are kept as they are."""
+    if not any(char.isspace() for char in name):
+        return name
+    return "".join(f"%{ord(char):02X}" if char.isspace() or char == "%" else char for char in name)
+
+
+def restore_names(model: pycolmap.Reconstruction, names: Sequence[str]) -> bool:
+    """Rename a model's images from their database names back to `names`; whether any name changed."""
+    real = {colmap_name(name): name for name in names if colmap_name(name) != name}
+    for image in model.images.values():
+        if image.name in real:
+            image.name = real[image.name]
+    return bool(real)
+
+
 def import_features(
     database_path: str | Path,
     image_dir: str | Path,
@@ -92,6 +110,9 @@ def import_features(
         names = list(image_names) if image_names is not None else features.names()
         if not names:
             raise InputError(f"'{features_path}' holds no features to import")
+        clash = sorted({colmap_name(n) for n in names if colmap_name(n) != n} & set(names))
+        if clash:
+            raise InputError(f"image '{clash[0]}' has the escaped name of another image with spaces; rename it")
         cameras: dict[tuple, int] = {}
         num_priors = 0
         for name in tqdm(names, desc="import", unit="img"):
@@ -110,7 +131,7 @@ def import_features(
                 rig_id = db.write_rig(rig)
                 cameras[group + ("rig",)] = rig_id
             camera_id = cameras[group]
-            image_id = db.write_image(pycolmap.Image(name=name, camera_id=camera_id))
+            image_id = db.write_image(pycolmap.Image(name=colmap_name(name), camera_id=camera_id))
             frame = pycolmap.Frame()
             frame.rig_id = cameras[group + ("rig",)]
             frame.add_data_id(
@@ -148,3 +169,19 @@ def import_matches(
             db.write_matches(image_ids[name0], image_ids[name1], matches.astype(np.uint32))
             counts[(name0, name1)] = len(matches)
     return counts
+
+
+def check_matches_fit(features_path: str | Path, matches_path: str | Path, names: Sequence[str]) -> None:
+    """Refuse matches made from other features than `features_path` holds (their indices would point at other
+    keypoints, or past the end, which crashes COLMAP): compares the fingerprints the match stage recorded."""
+    with MatchReader(matches_path) as matches:
+        recorded = matches.feature_fingerprints()
+    if recorded is None:
+        return  # hloc's file, or an older recon's: nothing to compare
+    with FeatureReader(features_path) as features:
+        changed = sorted(n for n in names
+                         if n in recorded and n in features and features.fingerprint(n) != recorded[n])
+    if changed:
+        raise InputError(f"'{matches_path}' was made from other features than '{features_path}' holds now for "
+                         f"{len(changed)} image(s), e.g. {changed[:3]}; rerun the match stage (it recomputes "
+                         "those pairs) or delete the matches file")

@@ -17,6 +17,8 @@ import pycolmap
 from feature_backends.store import FeatureReader, read_stored_conf
 from pairs.io import write_pairs
 
+from .database import colmap_name
+
 
 #: COLMAP's verification threshold (pixels of the image, whatever its size).
 COLMAP_VERIFICATION_ERROR = 4.0
@@ -75,7 +77,8 @@ def verify_matches(
     for ratio, pairs in sorted(groups.items()):
         group_options = pycolmap.TwoViewGeometryOptions(options.todict())
         group_options.ransac.min_inlier_ratio = ratio
-        pycolmap.verify_matches(database_path, write_pairs(group_file, pairs), group_options)
+        colmap_pairs = [(colmap_name(name0), colmap_name(name1)) for name0, name1 in pairs]
+        pycolmap.verify_matches(database_path, write_pairs(group_file, colmap_pairs), group_options)
     group_file.unlink(missing_ok=True)
     with pycolmap.Database.open(database_path) as db:
         return db.num_verified_image_pairs()

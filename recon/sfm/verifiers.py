@@ -36,6 +36,7 @@ import pycolmap
 
 from feature_backends.errors import ConfigError
 
+from .database import colmap_name
 from .verification import verify_matches
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def verify(database_path: str | Path, pair_match_counts: Mapping[tuple[str, str]
         cameras = {camera.camera_id: camera for camera in db.read_all_cameras()}
         keypoints: dict[int, np.ndarray] = {}
         for name0, name1 in pair_match_counts:
-            image0, image1 = images[name0], images[name1]
+            image0, image1 = images[colmap_name(name0)], images[colmap_name(name1)]
             matches = db.read_matches(image0.image_id, image1.image_id)
             if len(matches) < settings.min_num_inliers:
                 continue
