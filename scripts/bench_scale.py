@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import table
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("incremental", "global", "hierarchical", "auto")
 
@@ -115,12 +117,7 @@ def format_table(rows: list[dict], markdown: bool) -> str:
                                                                if row["num_models"] > 1 else "")
         body.append([str(row["N"]), row["stage"], f"{row['seconds']:.1f}", f"{row['rss_mb']:.0f}", detail, registered,
                      "/".join(f"{a:.1f}" for a in row["auc"]) if "auc" in row else ""])
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    return "\n".join(lines + ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in body])
+    return table(body, header, markdown=markdown)
 
 
 def main(argv: list[str] | None = None) -> int:
