@@ -48,7 +48,9 @@ def test_each_view_has_its_true_reason(split_run):
     with FeatureReader(out / "features.h5") as features:
         assert all(views[name]["keypoints"] == len(features.read_keypoints(name)) for name in reasons)
     assert views["blank.png"]["keypoints"] == 0 and views["noise.png"]["keypoints"] > 0
-    assert all(view["pairs"] == 14 for view in views.values())  # exhaustive over 15 views
+    # exhaustive over the 14 views with features; the blank frame is left out of the pairs ("no features")
+    assert views["blank.png"]["pairs"] == 0
+    assert all(view["pairs"] == 13 for name, view in views.items() if name != "blank.png")
     assert views["noise.png"]["verified"] == 0 and views["camera000001_frame000000.png"]["verified"] >= 5
     assert all(view["thumb"].startswith("data:image/jpeg;base64,") for view in views.values())
     components = read_report_data(out / "report.html")["pairs"]["components"]
@@ -128,10 +130,10 @@ def test_progress_json_events(split_run):
     assert events[0]["event"] == "run_start" and events[0]["num_images"] == 15
     assert events[-1]["event"] == "run_end" and events[-1]["registered"] == 8 and events[-1]["models"] == 2
     stages = [e["stage"] for e in events if e["event"] == "stage_start"]
-    assert stages == ["pairs", "extract", "match", "sfm", "export", "report"]
+    assert stages == ["extract", "pairs", "match", "sfm", "export", "report"]
     assert stages == [e["stage"] for e in events if e["event"] == "stage_end"]
     items = {e["stage"]: (e["done"], e["total"]) for e in events if e["event"] == "items"}
-    assert items == {"pairs": (105, 105), "match": (105, 105), "features": (15, 15), "sfm": (8, 15)}
+    assert items == {"extract": (14, 15), "pairs": (91, 91), "match": (91, 91), "sfm": (8, 15)}
     assert any("split into 2 models" in e["message"] for e in events if e["event"] == "warning")
     times = [e["time"] for e in events]
     assert times == sorted(times)
