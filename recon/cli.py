@@ -193,6 +193,14 @@ def _command_splat(args) -> int:
 
     path = splat(args.out, build_options(SplatConfig, args))
     print(f"splats → {path} (point_cloud.ply, metrics.json, renders/)")
+    if (Path(args.out) / "report.html").is_file():  # a report exists: refresh it with the splats' curve and renders
+        from .report import write_report
+
+        try:
+            print(f"report → {write_report(args.out)}")
+        except Exception as error:  # noqa: BLE001 (trained splats are never lost to the report)
+            logger.warning("report.html not refreshed (%s: %s); `recon report %s` retries", type(error).__name__,
+                           error, args.out)
     return 0
 
 

@@ -121,7 +121,7 @@ def test_report_size_is_bounded_and_cheap(split_run, tmp_path):
     assert len(small["points"]["xyz"]) == 300 and len(small["pairs"]["edges"]) == 5
     assert small["pairs"]["edges_total"] == data["pairs"]["num_verified"] == len(data["pairs"]["edges"])
     assert small["pairs"]["edges"][0][2] == max(e[2] for e in data["pairs"]["edges"])  # strongest kept
-    assert (copy / "report.html").stat().st_size < 30_000
+    assert (copy / "report.html").stat().st_size < 40_000  # page (~19 KB of script and style) + 100 points
 
 
 def test_progress_json_events(split_run):
@@ -211,3 +211,81 @@ def test_failed_mapping_still_writes_the_report(tmp_path):
     views = _views(tmp_path / "out" / "report.html")
     assert {name: view["reason"] for name, view in views.items()} == {
         "black.png": "no_features", **{f"noise{i}.png": "no_verified_pair" for i in range(3)}}
+
+
+def test_match_visualisations_are_the_true_strongest_weakest_and_rejected_pairs(split_run):
+    """Chosen pairs and counts against the database read independently; lines bounded and inside the thumbnails."""
+    import sqlite3
+
+    _, _, out, _, _ = split_run
+    with sqlite3.connect(out / "sfm" / "database.db") as db:
+        names = dict(db.execute("SELECT image_id, name FROM images"))
+        pair = lambda pid: (names[pid // 2147483647], names[pid % 2147483647])  # noqa: E731
+        inliers = {pair(pid): rows for pid, rows, config in
+                   db.execute("SELECT pair_id, rows, config FROM two_view_geometries")
+                   if rows > 0 and config in (2, 3, 4, 5, 6, 8, 9)}
+        raw = {pair(pid): rows for pid, rows in db.execute("SELECT pair_id, rows FROM matches") if rows > 0}
+    rejected = {p: n for p, n in raw.items() if p not in inliers}
+    assert len(inliers) > 2 and len(rejected) >= 2
+    shown = {p["kind"]: p for p in read_report_data(out / "report.html")["match_pairs"] if p["kind"] != "rejected"}
+    for kind, best in (("strongest", max(inliers.values())), ("weakest", min(inliers.values()))):
+        entry = shown[kind]
+        assert entry["inliers"] == inliers[entry["name0"], entry["name1"]] == best
+        assert entry["lines_total"] == best and len(entry["lines"]) == min(best, 100)
+        assert entry["matches"] == raw[entry["name0"], entry["name1"]] >= best
+    chosen = [p for p in read_report_data(out / "report.html")["match_pairs"] if p["kind"] == "rejected"]
+    assert [p["matches"] for p in chosen] == sorted(rejected.values(), reverse=True)[:2]
+    from feature_backends.store import MatchReader
+
+    with MatchReader(out / "matches.h5") as matches:
+        for entry in chosen:
+            assert (entry["name0"], entry["name1"]) in rejected and entry["inliers"] == 0
+            assert entry["lines_total"] == len(matches.read(entry["name0"], entry["name1"])[0])
+            assert len(entry["lines"]) == min(entry["lines_total"], 100)
+    for entry in [*shown.values(), *chosen]:
+        sizes = [_jpeg_size(entry[key]) for key in ("thumb0", "thumb1")]
+        assert max(sizes[0]) == max(sizes[1]) == 200
+        lines = np.array(entry["lines"])
+        assert (lines >= 0).all() and (lines[:, [0, 2]].max(0) <= [sizes[0][0], sizes[1][0]]).all()
+        assert (lines[:, [1, 3]].max(0) <= [sizes[0][1], sizes[1][1]]).all()
+
+
+def _jpeg_size(url):
+    import base64
+    import io
+
+    assert url.startswith("data:image/jpeg;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size
+
+
+def test_splat_results_enter_the_report_after_recon_splat(split_run, tmp_path, monkeypatch):
+    """`recon splat` (its training replaced by files in metrics.json's layout) refreshes an existing report."""
+    import recon.splat
+
+    _, _, out, _, _ = split_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("undistorted"))
+    curve = [{"step": s, "loss": 0.1, "num_gaussians": 500, "train_psnr": 14.0 + s / 100, "test_psnr": 13.0 + s / 200}
+             for s in (100, 200, 300)]
+
+    def fake_splat(out_dir, config):
+        splat_dir = out_dir / "splats"
+        (splat_dir / "renders").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (640, 240), (40 * i, 90, 200)).save(splat_dir / "renders" / f"view{i}.png")
+        metrics = {"backend": "cpu", "iterations": 300, "curve": curve, "train_seconds": 12.5,
+                   "initial": {"test": {"psnr": 11.5, "ssim": 0.31}, "num_gaussians": 400},
+                   "final": {"test": {"psnr": 14.5, "ssim": 0.52}, "num_gaussians": 800}}
+        (splat_dir / "metrics.json").write_text(json.dumps(metrics))
+        return splat_dir
+
+    monkeypatch.setattr(recon.splat, "splat", fake_splat)
+    assert read_report_data(copy / "report.html")["splat"] is None
+    assert main(["splat", str(copy)]) == 0
+    data = read_report_data(copy / "report.html")
+    splat = data["splat"]
+    assert splat["curve"] == [[p["step"], p["train_psnr"], p["test_psnr"]] for p in curve]
+    assert splat["initial"] == {"psnr": 11.5, "ssim": 0.31} and splat["final"] == {"psnr": 14.5, "ssim": 0.52}
+    assert splat["num_gaussians"] == 800 and [r["name"] for r in splat["renders"]] == ["view0.png", "view1.png"]
+    assert all(_jpeg_size(r["thumb"]) == (400, 150) for r in splat["renders"])
+    assert (copy / "report.html").stat().st_size < 150_000

@@ -10,7 +10,8 @@ Why our own ~300 lines of JavaScript rather than plotly.js or three.js: plotly's
 4.6 MB and three.js needs a module loader or an inlined build of ~650 KB; a report of a 20-image scene would be
 almost all library. The page needs a point cloud with frusta, two histograms and a matrix, which a canvas draws
 directly. Size is bounded by `max_points` (uniform subsample, fixed seed), `max_edges` (strongest pairs) and
-`thumbnail_size`; on 1,000 views thumbnails dominate (~3 KB each).
+`thumbnail_size`; on 1,000 views thumbnails dominate (~3 KB each). The match visualisations (recon.report.extras:
+at most 4 pairs, two JPEGs and `max_match_lines` lines each) and `recon splat`'s renders add a fixed ~0.1 MB.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from feature_backends.errors import InputError
 from ..options import option
 from .data import REASONS, Sources, components, histogram, read_keypoint_counts, read_models, read_pair_counts, \
     read_verified_pairs, thumbnail, view_reasons, _list_image_dir
+from .extras import match_pairs, splat_results
 
 __all__ = ["ReportOptions", "REASONS", "collect", "write_report", "read_report_data"]
 
@@ -41,6 +43,8 @@ class ReportOptions:
     thumbnails: bool = option(True, help="embed a small JPEG of every view")
     thumbnail_size: int = option(96, help="longer side of the thumbnails in pixels")
     matrix_max_views: int = option(80, help="draw the pair graph as a matrix up to this many views, a graph above")
+    pair_thumbnail_size: int = option(200, help="longer side of each view in the match visualisations (pixels)")
+    max_match_lines: int = option(100, help="match lines drawn per visualised pair at most (uniform subsample)")
 
 
 def collect(out_dir: str | Path, options: ReportOptions | None = None, image_dir: str | Path | None = None) -> dict:
@@ -83,6 +87,9 @@ def collect(out_dir: str | Path, options: ReportOptions | None = None, image_dir
                   "components": [{"size": len(c), "examples": c[:5]} for c in components(names, verified)]},
         "tracks": histogram(models["track_lengths"], bins=_integer_bins(models["track_lengths"])),
         "errors": histogram(models["point_errors"], bins=20),
+        "match_pairs": match_pairs(sources, verified, raw, options.pair_thumbnail_size, options.max_match_lines,
+                                   draw=options.thumbnails),
+        "splat": splat_results(Path(out_dir), 2 * options.pair_thumbnail_size, draw=options.thumbnails),
         "models": models["models"], "points": models["points"], "cameras": models["cameras"],
         "run": {"config": record.get("config"), "timings": record.get("timings"),
                 "result": record.get("result"), "skipped": record.get("skipped", []),

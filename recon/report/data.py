@@ -209,16 +209,23 @@ def histogram(values, bins) -> dict:
 
 def thumbnail(path: Path, size: int) -> str | None:
     """A small JPEG as a data URL, or None when the file cannot be decoded."""
+    encoded = encode_thumbnail(path, size)
+    return encoded[0] if encoded else None
+
+
+def encode_thumbnail(path: Path, size: int, quality: int = 70) -> tuple[str, float] | None:
+    """(JPEG data URL with longer side <= size, thumbnail pixels per original pixel), or None when undecodable."""
     try:
         with Image.open(path) as image:
+            width = image.size[0]
             image.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster
             image = image.convert("RGB")
             image.thumbnail((size, size))
             buffer = io.BytesIO()
-            image.save(buffer, "JPEG", quality=70)
+            image.save(buffer, "JPEG", quality=quality)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), image.size[0] / width
 
 
 def view_reasons(names: list[str], sources: Sources, keypoints: dict[str, int], pair_counts: Counter,

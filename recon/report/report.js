@@ -132,6 +132,84 @@
       histogramSvg(D.errors, "mean reprojection error per 3D point (px)")));
   }
 
+  const NS = "http://www.w3.org/2000/svg";
+  const svgEl = (tag, attrs) => {
+    const node = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    return node;
+  };
+
+  function matchPair(p) { // two thumbnails side by side, match lines as SVG over them
+    const kinds = { strongest: "strongest verified pair", weakest: "weakest verified pair",
+      rejected: "rejected: raw matches, no verified geometry" };
+    const counts = p.kind === "rejected" ? `${p.matches} raw matches` : `${p.inliers} inliers of ${p.matches} matches`;
+    const caption = el("figcaption", {}, `${kinds[p.kind]}: ${p.name0} – ${p.name1}, ${counts}`
+      + (p.lines ? ` (${p.lines.length} of ${p.lines_total} lines drawn)` : ""));
+    if (!p.thumb0) return el("figure", { class: "pair" }, caption);
+    const box = el("div", { class: "pairbox" });
+    const img0 = el("img", { src: p.thumb0, alt: p.name0 }), img1 = el("img", { src: p.thumb1, alt: p.name1 });
+    box.append(img0, img1);
+    const draw = () => {
+      const w0 = img0.naturalWidth, w = w0 + img1.naturalWidth, h = Math.max(img0.naturalHeight, img1.naturalHeight);
+      const svg = svgEl("svg", { width: w, height: h, viewBox: `0 0 ${w} ${h}` });
+      const colour = p.kind === "rejected" ? "#e33" : "#3c3";
+      for (const [x0, y0, x1, y1] of p.lines)
+        svg.append(svgEl("line", { x1: x0, y1: y0, x2: x1 + w0, y2: y1, stroke: colour, "stroke-width": 1,
+          "stroke-opacity": 0.8 }));
+      box.append(svg);
+    };
+    let loaded = 0;
+    for (const img of [img0, img1]) img.addEventListener("load", () => { if (++loaded === 2) draw(); });
+    return el("figure", { class: "pair" }, box, caption);
+  }
+
+  function matchPairs() {
+    const pairs = D.match_pairs || [];
+    if (!pairs.length) return;
+    section("Match visualisations", el("p", { class: "note" }, "Green: inliers of COLMAP's two-view geometry; red: "
+      + "raw matches of a pair that failed verification (matches.h5)."), el("div", { class: "row" },
+      ...pairs.map(matchPair)));
+  }
+
+  function lineChart(series, label) { // series: [[name, colour, [[x, y], ...]]]
+    const w = 420, h = 180, pad = 30, all = series.flatMap((s) => s[2]).filter((p) => p[1] !== null);
+    const svg = svgEl("svg", { width: w, height: h + pad });
+    if (!all.length) return el("figure", {}, svg, el("figcaption", {}, label + ": not recorded"));
+    const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
+    const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+    const X = (x) => pad + (w - pad - 10) * (x - x0) / Math.max(x1 - x0, 1e-9);
+    const Y = (y) => h - 10 - (h - 20) * (y - y0) / Math.max(y1 - y0, 1e-9);
+    for (const [name, colour, points] of series) {
+      const ok = points.filter((p) => p[1] !== null);
+      svg.append(svgEl("polyline", { points: ok.map((p) => `${X(p[0])},${Y(p[1])}`).join(" "), fill: "none",
+        stroke: colour, "stroke-width": 1.5, class: "curve-" + name }));
+      for (const p of ok) {
+        const dot = svgEl("circle", { cx: X(p[0]), cy: Y(p[1]), r: 2.5, fill: colour });
+        const tip = svgEl("title", {}); tip.textContent = `${name} step ${p[0]}: ${p[1].toFixed(2)}`;
+        dot.append(tip); svg.append(dot);
+      }
+    }
+    const text = (x, y, s) => { const t = svgEl("text", { x, y }); t.textContent = s; svg.append(t); };
+    text(0, Y(y1) + 4, y1.toFixed(1)); text(0, Y(y0), y0.toFixed(1));
+    text(pad, h + 12, `step ${x0}`); text(w - 70, h + 12, `step ${x1}`);
+    return el("figure", {}, svg, el("figcaption", {}, label));
+  }
+
+  function splats() {
+    const S = D.splat;
+    if (!S) return;
+    const f = (m, k, d) => fmt(m[k], d);
+    const facts = el("p", {}, `held-out PSNR ${f(S.initial, "psnr", 2)} → ${f(S.final, "psnr", 2)} dB, `
+      + `SSIM ${f(S.initial, "ssim", 3)} → ${f(S.final, "ssim", 3)}; ${fmt(S.iterations)} iterations, `
+      + `${fmt(S.num_gaussians)} Gaussians, ${fmt(S.train_seconds, 1)} s (${S.backend || "?"})`);
+    const chart = lineChart([["test", "#d62728", S.curve.map((p) => [p[0], p[2]])],
+      ["train", "#1f77b4", S.curve.map((p) => [p[0], p[1]])]], "PSNR (dB) per step: held-out (red), train (blue)");
+    const renders = el("div", { class: "row" }, ...S.renders.filter((r) => r.thumb).map((r) =>
+      el("figure", { class: "render" }, el("img", { src: r.thumb, alt: r.name }),
+        el("figcaption", {}, `${r.name}: ground truth | render`))));
+    section("Gaussian splats (recon splat)", facts, chart, renders);
+  }
+
   function viewer3d() {
     const w = 720, h = 480, canvas = el("canvas", { width: w, height: h, id: "view3d" });
     const ctx = canvas.getContext("2d"), P = D.points, n = P.shown;
@@ -187,13 +265,14 @@
 
   function runFacts() {
     const run = D.run || {};
-    const skipped = (run.skipped || []).length ? el("p", {}, "skipped files: " + run.skipped.join(", ")) : "";
+    const skipped = (run.skipped || []).length ? el("p", {}, "skipped files: "
+      + run.skipped.map((s) => (typeof s === "string" ? s : JSON.stringify(s))).join(", ")) : "";
     const where = `output ${D.out_dir}; images ${D.image_dir || "unknown"}; report written in ${D.seconds} s`;
     const config = run.config ? JSON.stringify(run.config, null, 1) : "not recorded (no run.json)";
     section("Run", el("p", { class: "note" }, where), skipped, el("h3", {}, "inputs read"),
       el("pre", {}, JSON.stringify(D.sources, null, 1)), el("h3", {}, "configuration"), el("pre", {}, config));
   }
 
-  summary(); viewTable(); pairGraph(); histograms(); viewer3d(); runFacts();
+  summary(); viewTable(); pairGraph(); histograms(); matchPairs(); viewer3d(); splats(); runFacts();
   document.body.setAttribute("data-rendered", "1");
 })();
