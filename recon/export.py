@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,12 +169,18 @@ def export_undistorted(out_dir: str | Path, image_dir: str | Path, max_image_siz
     partial = out_dir / "undistorted.partial"
     shutil.rmtree(partial, ignore_errors=True)
     names = [image.name for image in reconstruction.images.values() if image.has_pose]
-    with tempfile.TemporaryDirectory(dir=out_dir) as staging:
-        source = _stage_upright_images(Path(image_dir), names, Path(staging))
+    # A fixed name (OUT is locked, one run at a time), so a staging folder left by a killed run is removed here.
+    staging = out_dir / "undistorted.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        source = _stage_upright_images(Path(image_dir), names, staging)
         options = pycolmap.UndistortCameraOptions()
         options.max_image_size = max_image_size
         pycolmap.undistort_images(partial, model_dir, source, image_names=names, output_type="COLMAP",
                                   undistort_options=options)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     sparse0 = partial / "sparse" / "0"
     sparse0.mkdir(parents=True, exist_ok=True)
     for file in (partial / "sparse").iterdir():
