@@ -23,6 +23,8 @@
       ["points", `${D.points.total} (${D.points.shown} shown)`],
       ["pairs", `${D.pairs.num_planned} planned, ${D.pairs.num_matched} matched, ${D.pairs.num_verified} verified`],
     ];
+    const result = (D.run && D.run.result) || {};
+    if (result.engine) items.push(["mapper", `${result.engine}: ${result.engine_reason || ""}`]);
     const timings = (D.run && D.run.timings) || {};
     const total = Object.values(timings).reduce((a, b) => a + b, 0);
     if (total) items.push(["time", Object.entries(timings).map(([k, s]) => `${k} ${s.toFixed(1)} s`).join(", ")
