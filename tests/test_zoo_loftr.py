@@ -190,12 +190,7 @@ def test_dense_stage_runs_loftr_in_quantised_mode_and_refuses_anchored_mode(crop
     from recon.dense import match_dense
 
     image_dir, pairs = crops
-    torch.save(lightning(loftr_state, "matcher."), tmp_path / "loftr_outdoor.ckpt")
-    monkeypatch.setenv("RECON_WEIGHTS_DIR", str(tmp_path))
-    features = tmp_path / "f.h5"
-    matches = match_dense({"name": "loftr", "resize_max": None}, pairs, image_dir, features, tmp_path / "m.h5",
-                          device="cpu")
-    check_stage(features, matches, minimum=40)
+    quantised_stage("loftr", lightning(loftr_state, "matcher."), "loftr_outdoor.ckpt", crops, tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match="anchored mode needs a dense warp.*'loftr' predicts matches, not a warp"):
         match_dense({"name": "sift+loftr"}, pairs, image_dir, tmp_path / "f2.h5", tmp_path / "m2.h5", device="cpu")
     assert not (tmp_path / "f2.h5").exists()  # refused before the anchors were extracted
@@ -280,13 +275,18 @@ def test_gim_loftr_shares_kornias_transformer_and_matching(canvas, gim_state):
 
 
 def test_gim_loftr_end_to_end_through_the_dense_stage(crops, gim_state, tmp_path, monkeypatch):
+    quantised_stage("gim-loftr", lightning(gim_state, "model."), "gim_loftr_50h.ckpt", crops, tmp_path, monkeypatch)
+
+
+def quantised_stage(name, checkpoint, filename, crops, tmp_path, monkeypatch):
+    """`name` through the dense stage (quantised) with `checkpoint` saved under its official file name."""
     from recon.dense import match_dense
 
     image_dir, pairs = crops
-    torch.save(lightning(gim_state, "model."), tmp_path / "gim_loftr_50h.ckpt")
+    torch.save(checkpoint, tmp_path / filename)
     monkeypatch.setenv("RECON_WEIGHTS_DIR", str(tmp_path))
     features = tmp_path / "f.h5"
-    matches = match_dense({"name": "gim-loftr", "resize_max": None}, pairs, image_dir, features, tmp_path / "m.h5",
+    matches = match_dense({"name": name, "resize_max": None}, pairs, image_dir, features, tmp_path / "m.h5",
                           device="cpu")
     check_stage(features, matches, minimum=40)
 
