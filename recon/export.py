@@ -75,12 +75,18 @@ class ExportOptions:
 NERFSTUDIO_APPLIED_TRANSFORM = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0]], dtype=np.float64)
 
 
-def load_model(out_dir: str | Path) -> tuple[Path, pycolmap.Reconstruction]:
+def find_model(out_dir: str | Path) -> Path:
+    """The model folder of OUT: sparse/0, sparse or OUT itself (found, not read)."""
     out_dir = Path(out_dir)
     for candidate in (out_dir / "sparse" / "0", out_dir / "sparse", out_dir):
         if (candidate / "cameras.bin").is_file() or (candidate / "cameras.txt").is_file():
-            return candidate, pycolmap.Reconstruction(candidate)
+            return candidate
     raise InputError(f"no COLMAP model in '{out_dir}' (looked for sparse/0, sparse and the folder itself)")
+
+
+def load_model(out_dir: str | Path) -> tuple[Path, pycolmap.Reconstruction]:
+    model_dir = find_model(out_dir)
+    return model_dir, pycolmap.Reconstruction(model_dir)
 
 
 def export_colmap_text(out_dir: str | Path) -> Path:
@@ -289,7 +295,7 @@ def export(out_dir: str | Path, options: ExportOptions | Iterable[str] | None = 
     if not isinstance(options, ExportOptions):
         options = ExportOptions() if options is None else ExportOptions(formats=tuple(options))
     options.check()
-    model_dir, _ = load_model(out_dir)
+    model_dir = find_model(out_dir)  # the up-to-date checks need its files' stamps only, not the model read
     stamps_path = out_dir / _STAMPS
     stamps = json.loads(stamps_path.read_text()) if stamps_path.is_file() else {}
     model = _model_fingerprint(model_dir)
@@ -299,7 +305,7 @@ def export(out_dir: str | Path, options: ExportOptions | Iterable[str] | None = 
     for fmt in todo:  # in EXPORT_FORMATS order: nerfstudio is built on the undistorted (3dgs) export
         key = {"model": model, "max_image_size": options.max_image_size, "downscales": list(options.downscales),
                "masks": _folder_fingerprint(options.mask_dir)}
-        present, target = _TARGETS[fmt](out_dir)
+        present, target = _TARGETS[fmt](out_dir, model_dir)
         if stamps.get(fmt) == key and present.exists():
             logger.info("Export %s is up to date: %s", fmt, target)
         else:
@@ -331,10 +337,10 @@ def _model_fingerprint(model_dir: Path) -> dict[str, list[int]]:
 
 # What each export writes: the file whose presence says it is there, and the path reported.
 _TARGETS = {
-    "colmap-txt": lambda out: (load_model(out)[0] / "images.txt", load_model(out)[0]),
-    "ply": lambda out: (out / "points3D.ply",) * 2,
-    "3dgs": lambda out: (out / "undistorted" / "sparse" / "0" / "cameras.bin", out / "undistorted"),
-    "nerfstudio": lambda out: (out / "undistorted" / "transforms.json",) * 2,
+    "colmap-txt": lambda out, model: (model / "images.txt", model),
+    "ply": lambda out, model: (out / "points3D.ply",) * 2,
+    "3dgs": lambda out, model: (out / "undistorted" / "sparse" / "0" / "cameras.bin", out / "undistorted"),
+    "nerfstudio": lambda out, model: (out / "undistorted" / "transforms.json",) * 2,
 }
 _EXPORTERS = {
     "colmap-txt": lambda out, images, options: export_colmap_text(out),
