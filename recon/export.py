@@ -75,7 +75,7 @@ class ExportOptions:
 NERFSTUDIO_APPLIED_TRANSFORM = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0]], dtype=np.float64)
 
 
-def find_model(out_dir: str | Path) -> Path:
+def model_folder(out_dir: str | Path) -> Path:
     """The model folder of OUT: sparse/0, sparse or OUT itself (found, not read)."""
     out_dir = Path(out_dir)
     for candidate in (out_dir / "sparse" / "0", out_dir / "sparse", out_dir):
@@ -85,7 +85,7 @@ def find_model(out_dir: str | Path) -> Path:
 
 
 def load_model(out_dir: str | Path) -> tuple[Path, pycolmap.Reconstruction]:
-    model_dir = find_model(out_dir)
+    model_dir = model_folder(out_dir)
     return model_dir, pycolmap.Reconstruction(model_dir)
 
 
@@ -295,7 +295,7 @@ def export(out_dir: str | Path, options: ExportOptions | Iterable[str] | None = 
     if not isinstance(options, ExportOptions):
         options = ExportOptions() if options is None else ExportOptions(formats=tuple(options))
     options.check()
-    model_dir = find_model(out_dir)  # the up-to-date checks need its files' stamps only, not the model read
+    model_dir = model_folder(out_dir)  # the up-to-date checks need its files' stamps only, not the model read
     stamps_path = out_dir / _STAMPS
     stamps = json.loads(stamps_path.read_text()) if stamps_path.is_file() else {}
     model = _model_fingerprint(model_dir)
