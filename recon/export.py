@@ -26,7 +26,6 @@ stage recorded with the model (recon.sfm.recorded_image_dir) unless given.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -42,6 +41,7 @@ from feature_backends.errors import ConfigError, InputError
 from feature_backends.images import exif_orientation, read_image
 
 from .options import option
+from .records import read_record, write_record
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,11 @@ def model_folder(out_dir: str | Path) -> Path:
 
 def load_model(out_dir: str | Path) -> tuple[Path, pycolmap.Reconstruction]:
     model_dir = model_folder(out_dir)
-    return model_dir, pycolmap.Reconstruction(model_dir)
+    try:
+        return model_dir, pycolmap.Reconstruction(model_dir)
+    except (ValueError, IndexError, RuntimeError, MemoryError) as error:  # what pycolmap raises on cut files
+        raise InputError(f"the COLMAP model in '{model_dir}' cannot be read ({type(error).__name__}: {error}); "
+                         "delete it and run `recon run` again to rebuild it") from error
 
 
 def export_colmap_text(out_dir: str | Path) -> Path:
@@ -283,8 +287,7 @@ def export_nerfstudio(out_dir: str | Path, image_dir: str | Path | None = None) 
     transformed.transform(pycolmap.Sim3d(1.0, pycolmap.Rotation3d(NERFSTUDIO_APPLIED_TRANSFORM[:, :3]), np.zeros(3)))
     transformed.export_PLY(undistorted / "sparse_pc.ply")
     content["ply_file_path"] = "sparse_pc.ply"
-    path = undistorted / "transforms.json"
-    path.write_text(json.dumps(content, indent=2))
+    path = write_record(undistorted / "transforms.json", content, indent=2)
     return path
 
 
@@ -297,7 +300,7 @@ def export(out_dir: str | Path, options: ExportOptions | Iterable[str] | None = 
     options.check()
     model_dir = model_folder(out_dir)  # the up-to-date checks need its files' stamps only, not the model read
     stamps_path = out_dir / _STAMPS
-    stamps = json.loads(stamps_path.read_text()) if stamps_path.is_file() else {}
+    stamps = read_record(stamps_path) or {}
     model = _model_fingerprint(model_dir)
     todo = [fmt for fmt in EXPORT_FORMATS if fmt in options.formats or (fmt == "3dgs" and "nerfstudio" in
                                                                          options.formats)]
@@ -317,7 +320,7 @@ def export(out_dir: str | Path, options: ExportOptions | Iterable[str] | None = 
             stamps[fmt] = key
             if fmt == "3dgs":
                 stamps.pop("nerfstudio", None)  # its files were made from the undistorted images just replaced
-            stamps_path.write_text(json.dumps(stamps, indent=2))
+            write_record(stamps_path, stamps, indent=2)
         if fmt in options.formats:
             written[fmt] = target
     return written

@@ -39,6 +39,7 @@ from feature_backends.errors import InputError
 from feature_backends.images import IMAGE_EXTENSIONS
 
 from .options import option, to_dict
+from .records import read_record, write_record
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ def write_frames(inputs: Sequence[str | Path], out_dir: str | Path, options: Fra
     frames_dir.mkdir(parents=True, exist_ok=True)
     videos, photos = find_inputs(inputs)
     record_path = out_dir / FRAMES_RECORD
-    old = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    old = read_record(record_path) or {}
     settings = to_dict(options)
     record = {"options": settings, "videos": {}, "photos": [name for _, name in photos]}
     for path, sequence in videos:
@@ -314,13 +315,13 @@ def write_frames(inputs: Sequence[str | Path], out_dir: str | Path, options: Fra
             continue
         record["videos"][sequence] = {**select_keyframes(path, sequence, frames_dir, options),
                                       "fingerprint": _fingerprint(path)}
-        record_path.write_text(json.dumps(record, indent=1))
+        write_record(record_path, record, indent=1)
     for path, name in photos:
         link = frames_dir / name
         if not link.exists():
             link.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(path.resolve(), link)
-    record_path.write_text(json.dumps(record, indent=1))
+    write_record(record_path, record, indent=1)
     return frames_dir
 
 

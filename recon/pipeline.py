@@ -48,6 +48,7 @@ from .match import MatchOptions, match
 from .options import option, to_dict
 from .pairs import plan_pairs
 from .progress import ProgressSink
+from .records import write_record
 from .report import ReportOptions, write_report
 from .sfm import SfMOptions, SfMResult, reconstruct
 from .splat import SplatConfig
@@ -322,7 +323,7 @@ def _run_locked(inputs, out_dir: Path, config: RunConfig, claim_output, timed: _
               "skipped": skipped}
     if frames_record is not None:
         record["frames"] = frames_record
-    (out_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
+    write_record(out_dir / "run.json", record, indent=2, default=str)
     if config.write_report:  # last, so it reads the finished run.json; its own time is recorded in the page
         report = _write_report(timed, out_dir, config, image_dir)
         if report is not None:

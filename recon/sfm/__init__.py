@@ -13,7 +13,6 @@ faster after the matching stages, and a COLMAP crash becomes an error message; s
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 import time
@@ -28,6 +27,7 @@ from feature_backends.store import list_feature_names
 from pairs.io import read_pairs
 
 from ..options import option, to_dict
+from ..records import read_record, write_record
 from .calibration import refine_principal_points
 from .auto import map_scene
 from .database import CameraMode, check_matches_fit, import_features, import_matches, restore_names
@@ -163,8 +163,9 @@ def _fingerprint(inputs: SfMInputs, options: SfMOptions) -> dict:
 def recorded_image_dir(out_dir: str | Path) -> Path:
     """The image folder the model in OUT/sparse was reconstructed from (recorded by this stage)."""
     stamp_path = Path(out_dir) / "sfm" / _STAMP
-    if stamp_path.is_file():
-        image_dir = json.loads(stamp_path.read_text()).get("image_dir")
+    stamp = read_record(stamp_path)
+    if isinstance(stamp, dict):
+        image_dir = stamp.get("image_dir")
         if image_dir and Path(image_dir).is_dir():
             return Path(image_dir)
     raise InputError(f"cannot tell where the images of '{out_dir}' are (no record in {stamp_path}); "
@@ -186,13 +187,13 @@ def reconstruct(
     stamp = _fingerprint(inputs, options)
     stamp_path = inputs.work_dir / _STAMP
     model_dir = inputs.sparse_root / "0"
-    if model_dir.is_dir() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
-        logger.info("Reconstruction in %s is up to date with its inputs; not re-mapping", model_dir)
-        num_images = len(list_feature_names(inputs.features))
-        engine_path = inputs.work_dir / _ENGINE
-        engine = json.loads(engine_path.read_text()) if engine_path.is_file() else {}
-        return SfMResult(model_dir, num_images, num_models=len(list(inputs.sparse_root.iterdir())), timings={},
-                         **model_stats(pycolmap.Reconstruction(model_dir)), **engine)
+    if model_dir.is_dir() and read_record(stamp_path) == stamp:
+        finished = _finished(inputs, model_dir)
+        if finished is not None:
+            return finished
+    # No stamp vouches for OUT/sparse until the new model is whole (reconstruct_here writes it last): a run killed
+    # anywhere in between leaves a model the next run maps again, never one it takes for up to date.
+    stamp_path.unlink(missing_ok=True)
     if options.fresh_process and sys.executable:  # an embedded interpreter has no executable to start
         from .process import reconstruct_in_fresh_process
 
@@ -200,11 +201,46 @@ def reconstruct(
     return reconstruct_here(inputs, options, stamp)
 
 
+def _finished(inputs: SfMInputs, model_dir: Path) -> SfMResult | None:
+    """The stamped model as the stage's result, or None when it cannot be read (damaged: mapped again)."""
+    try:
+        model = pycolmap.Reconstruction(model_dir)
+    except (ValueError, IndexError, RuntimeError, MemoryError) as error:  # what pycolmap raises on cut files
+        logger.warning("The model in %s cannot be read (%s: %s); mapping again", model_dir, type(error).__name__,
+                       error)
+        return None
+    logger.info("Reconstruction in %s is up to date with its inputs; not re-mapping", model_dir)
+    num_images = len(list_feature_names(inputs.features))
+    engine = read_record(inputs.work_dir / _ENGINE) or {}
+    return SfMResult(model_dir, num_images, num_models=len(list(inputs.sparse_root.iterdir())), timings={},
+                     **model_stats(model), **engine)
+
+
 def reconstruct_here(inputs: SfMInputs, options: SfMOptions, stamp: dict) -> SfMResult:
     with _colmap_log_to(inputs.work_dir / "colmap.log."):
         result = _reconstruct(inputs, options)
-    (inputs.work_dir / _STAMP).write_text(json.dumps(stamp))
+    write_record(inputs.work_dir / _STAMP, stamp)  # last: the model and engine.json are whole
     return result
+
+
+#: The step of the stage running now, and a function told of each new one (the fresh process records it, so a
+#: crash or a kill of that process is reported with the step it happened in).
+_step = {"name": "start-up", "listener": None}
+
+
+def _enter(step: str) -> None:
+    _step["name"] = step
+    if _step["listener"] is not None:
+        _step["listener"](step)
+
+
+def current_step() -> str:
+    return _step["name"]
+
+
+def on_step(listener) -> None:
+    """Call `listener(step)` at each new step of the stage (the fresh process records them)."""
+    _step["listener"] = listener
 
 
 @contextlib.contextmanager
@@ -221,6 +257,7 @@ def _colmap_log_to(prefix: Path):
 
 
 def _import_and_verify(inputs: SfMInputs, options: SfMOptions, database: Path, timings: dict) -> dict[str, int]:
+    _enter("database import")
     start = time.perf_counter()
     pairs = read_pairs(inputs.pairs)
     image_ids = import_features(database, inputs.image_dir, inputs.features, options.camera_mode,
@@ -230,6 +267,7 @@ def _import_and_verify(inputs: SfMInputs, options: SfMOptions, database: Path, t
     timings["import"] = time.perf_counter() - start
     logger.info("Imported %d pairs with %d raw matches", len(pairs), sum(match_counts.values()))
 
+    _enter("geometric verification")
     start = time.perf_counter()
     settings = verifier_settings(options, inputs.features)
     logger.info("Verification: %s, threshold %.2f px", settings.verifier, settings.max_error)
@@ -257,6 +295,7 @@ def _reconstruct(inputs: SfMInputs, options: SfMOptions) -> SfMResult:
     database = inputs.work_dir / "database.db"
     counts = _import_and_verify(inputs, options, database, timings)
 
+    _enter(f"mapping ({options.mapper})")
     start = time.perf_counter()
     sections = pipeline_options(options.mapper, options.mapper_options, counts["images"], options.num_threads,
                                 options.random_seed, options.use_pose_priors)
@@ -270,14 +309,17 @@ def _reconstruct(inputs: SfMInputs, options: SfMOptions) -> SfMResult:
             f"(see {inputs.work_dir}/colmap.log.*). Try more pairs, more keypoints or another matcher."
         )
     if options.refine_principal_point != "never":
+        _enter("principal-point refinement")
         start = time.perf_counter()
         models = [refine_principal_points(model, force=options.refine_principal_point == "always")[0]
                   for model in models]
         timings["calibrate"] = time.perf_counter() - start
     engine_extra = {}
     if options.use_pose_priors:  # every model into the GPS frame; the largest one's alignment is recorded
+        _enter("alignment to the GPS priors")
         alignments = [align_to_priors(model, database, options.pose_prior_std) for model in models]
         engine_extra["georeference"] = alignments[0]
+    _enter("writing the model")
     names = list_feature_names(inputs.features)
     if any([restore_names(model, names) for model in models]):  # and colours, which COLMAP could not read
         for model in models:
@@ -287,6 +329,6 @@ def _reconstruct(inputs: SfMInputs, options: SfMOptions) -> SfMResult:
         logger.warning("The scene split into %d models; the largest (%d images) is sparse/0",
                        len(models), models[0].num_reg_images())
     engine = {"engine": choice.engine, "engine_reason": choice.reason, "engine_runs": choice.runs, **engine_extra}
-    (inputs.work_dir / _ENGINE).write_text(json.dumps(engine, indent=2))
+    write_record(inputs.work_dir / _ENGINE, engine, indent=2)
     return SfMResult(model_dir, len(list_feature_names(inputs.features)), num_models=len(models), timings=timings,
                      **model_stats(models[0]), **engine)

@@ -103,7 +103,9 @@ def import_features(
     priors (recon.sfm.priors, `prior_std` metres); return name → image_id."""
     database_path = Path(database_path)
     database_path.parent.mkdir(parents=True, exist_ok=True)
-    database_path.unlink(missing_ok=True)
+    # With its SQLite side files: a -wal or -journal left by a killed run must not be replayed into the new one.
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        database_path.with_name(database_path.name + suffix).unlink(missing_ok=True)
     image_dir = Path(image_dir)
     image_ids: dict[str, int] = {}
     with FeatureReader(features_path) as features, pycolmap.Database.open(database_path) as db:
