@@ -69,7 +69,10 @@ class SfMOptions:
              "is aligned to them (metric, in an east-north-up frame whose origin run.json records)")
     pose_prior_std: float = option(5.0, help="GPS accuracy in metres (the priors' standard deviation)")
     min_match_score: float | None = option(None, help="drop raw matches scoring at or below this before import")
-    num_threads: int = option(-1, help="COLMAP threads (-1: all cores)")
+    num_threads: int | None = option(
+        None, help="mapper threads (-1: all cores); default one for the incremental mapper, whose parallel search "
+                   "for the initial pair makes the model depend on thread timing (recon.sfm.mapping."
+                   "mapping_threads), all cores for the others")
     random_seed: int = option(0, help="RANSAC and mapper seed")
     verification_max_error: float | None = option(
         None, help="RANSAC threshold of geometric verification in original-image pixels (default: 2 px at the "

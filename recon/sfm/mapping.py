@@ -66,7 +66,24 @@ def _unknown(target: Any, key: str, where: str) -> None:
                       f"known: {', '.join(known)}")
 
 
-def _new_options(section: str, num_images: int, num_threads: int, random_seed: int) -> Any:
+def mapping_threads(section: str, num_threads: int | None) -> int:
+    """The threads an engine maps with: the user's number, else one for the incremental mapper and all cores (-1)
+    for the others.
+
+    Why one: pycolmap 4.2.1's incremental mapper searches for its initial pair on `num_threads` threads that
+    share the set of pairs already tried, so which pair wins (and so the model's frame, and on hard scenes the
+    model) depends on thread timing. On the 6-view test scene 5 of 30 runs on one database chose another pair
+    with 2 threads, 0 of 30 with one. On a 200-view database (2-core VM) mapping took 22.3 / 26.7 s with one
+    thread and 22.0 / 26.6 s with two, the same model; more cores speed up large bundle adjustments, which
+    `--sfm.num-threads N` buys back at the price of that reproducibility. The global mapper gave the same model
+    in 15 of 15 runs with all cores. So a rerun, a resumed run and the fresh process give the same model."""
+    if num_threads is not None:
+        return num_threads
+    return 1 if section == "incremental" else -1
+
+
+def _new_options(section: str, num_images: int, num_threads: int | None, random_seed: int) -> Any:
+    num_threads = mapping_threads(section, num_threads)
     if section == _CALIBRATION:
         options = pycolmap.ViewGraphCalibrationOptions()
         options.random_seed = random_seed
@@ -88,7 +105,7 @@ def _new_options(section: str, num_images: int, num_threads: int, random_seed: i
     return options
 
 
-def pipeline_options(mapper: str, overrides: dict, num_images: int, num_threads: int, random_seed: int,
+def pipeline_options(mapper: str, overrides: dict, num_images: int, num_threads: int | None, random_seed: int,
                      use_pose_priors: bool = False) -> dict[str, Any]:
     """pycolmap's option objects for `mapper`, by section (engine name or 'view_graph_calibration'), with the
     user's overrides checked field by field."""
