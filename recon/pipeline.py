@@ -13,7 +13,8 @@ a sequence (pairs: sequential + loop closure + retrieval between sequences, when
 Output layout (OUT/):
     frames/, frames.json (video input only),
     pairs.txt, pairs-stats.json, global-feats.h5 (retrieval only), features.h5, matches.h5,
-    sfm/{database.db, colmap.log.*, sfm_inputs.json}, sparse/0 (+ text), points3D.ply, exports.json,
+    sfm/{database.db, colmap.log.*, sfm_inputs.json, engine.json, error.txt (a failed SfM process's traceback)},
+    sparse/0 (+ text), points3D.ply, exports.json,
     undistorted/{images, sparse/0, transforms.json, sparse_pc.ply}, run.json (config, timings, summary),
     report.html (recon.report: why each view registered or not; `--no-report` skips it)
 With `--progress-json FILE` the run writes JSON-lines events (stage start/end, item counts, warnings) to FILE
