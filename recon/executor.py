@@ -37,7 +37,8 @@ result_hooks: list[Callable[[Any, int, Any], None]] = []
 class ExecutorOptions:
     executor: Literal["local", "ray"] = option(
         "local", flags=("--executor",),
-        help="where extraction and matching run: this process, or Ray actors (pip install recon[distributed])")
+        help="where extraction, retrieval descriptors and matching run: this process, or Ray actors "
+             "(pip install recon[distributed])")
     workers: int | None = option(
         None, flags=("--workers",),
         help="ray: worker actors, each loading the model once (default: one per GPU of the cluster, else one per "
@@ -54,7 +55,7 @@ class ExecutorOptions:
              "the workers, at most 1 each; 0 without GPUs)")
     tasks_per_worker: int = option(2, flags=("--tasks-per-worker",),
                                    help="ray: tasks queued per worker (bounds the driver's memory)")
-    images_per_task: int = option(4, flags=("--images-per-task",), help="ray: images per extraction task")
+    images_per_task: int = option(4, flags=("--images-per-task",), help="ray: images per extraction or retrieval-descriptor task")
 
     def check(self) -> None:
         if self.workers is not None and self.workers < 1:

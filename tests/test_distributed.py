@@ -147,3 +147,27 @@ def test_dense_quantised_on_ray_equals_local(cluster, crops, tmp_path):
     with h5py.File(tmp_path / "m.h5") as file:
         assert sum(len(group) for group in file.values()) == 3
         assert min((group["matches0"][()] >= 0).sum() for pair in file.values() for group in pair.values()) > 150
+
+
+@pytest.mark.parametrize("backend", ["vlad", "cosplace"])
+def test_retrieval_descriptors_on_ray_equal_local(cluster, synthetic_scene, tmp_path, backend):
+    """global-feats.h5 from Ray workers (3 images per task) equals the local one: VLAD's codebook is fitted once
+    on the driver and shipped to the workers; CosPlace (random weights in the official layout, from a file every
+    worker loads) has no fitted state."""
+    import torch
+    from test_retrieval import _random_state_dict, official_cosplace_shapes
+
+    from pairs.retrieval import extract_global_descriptors
+
+    conf = {}
+    if backend == "cosplace":
+        torch.save(_random_state_dict(official_cosplace_shapes("ResNet18", 512)), tmp_path / "r18.pth")
+        conf = {"backbone": "ResNet18", "dim": 512, "weights": str(tmp_path / "r18.pth"), "resize_max": 160}
+    images = synthetic_scene / "images"
+    extract_global_descriptors(images, tmp_path / "local.h5", backend, conf)
+    extract_global_descriptors(images, tmp_path / "ray.h5", backend, conf,
+                               executor=ray_options(cluster, images_per_task=3))
+    assert_same(tmp_path / "ray.h5", tmp_path / "local.h5")
+    got = datasets(tmp_path / "ray.h5")
+    assert len(got) == 13  # 12 descriptors and the record
+    assert {value.shape for key, value in got.items() if key != "@conf"} == {(8192 if backend == "vlad" else 512,)}
