@@ -171,3 +171,35 @@ def test_retrieval_descriptors_on_ray_equal_local(cluster, synthetic_scene, tmp_
     got = datasets(tmp_path / "ray.h5")
     assert len(got) == 13  # 12 descriptors and the record
     assert {value.shape for key, value in got.items() if key != "@conf"} == {(8192 if backend == "vlad" else 512,)}
+
+
+@pytest.mark.parametrize("propagate", [True, False])
+def test_dense_anchored_on_ray_equals_local(cluster, crops, tmp_path, monkeypatch, propagate):
+    """Anchored dense (SIFT anchors, the translation oracle's warps) in two phases: warps (with propagation) or
+    matches (without) from Ray workers, one pair per task so two workers finish out of order, then anchoring,
+    the track check and propagation here in pair order: features.h5 (with the keypoints propagation appended)
+    and matches.h5 equal the local run's."""
+    from test_dense import TranslationOracle
+
+    from recon.dense import anchored, match_dense
+
+    image_dir, pairs, offsets, table = crops
+    conf = {"name": f"sift+{TranslationOracle.__module__}:TranslationOracle", "offsets": table,
+            "propagate": propagate}
+    monkeypatch.setattr(anchored, "PAIRS_PER_TASK", 1)
+    runs = {}
+    for run, executor in (("local", None), ("ray", ray_options(cluster))):
+        out = tmp_path / run
+        extract({"name": "sift", "max_keypoints": 512}, image_dir, out / "f.h5")
+        match_dense(dict(conf), pairs, image_dir, out / "f.h5", out / "m.h5", executor=executor)
+        runs[run] = out
+    assert_same(runs["ray"] / "f.h5", runs["local"] / "f.h5")
+    assert_same(runs["ray"] / "m.h5", runs["local"] / "m.h5")
+    with h5py.File(runs["ray"] / "f.h5") as file:
+        added = sum(len(file[n]["keypoints"]) - file[n]["keypoints"].attrs.get("detected", len(file[n]["keypoints"]))
+                    for n in offsets)
+    with h5py.File(runs["ray"] / "m.h5") as file:
+        matched = [int((group["matches0"][()] >= 0).sum()) for pair in file.values() if isinstance(pair, h5py.Group)
+                   for group in pair.values() if isinstance(group, h5py.Group)]
+    assert len(matched) == 3 and min(matched) > 20
+    assert (added > 0) == propagate
