@@ -71,16 +71,45 @@ def ray_options(cluster, **kwargs) -> ExecutorOptions:
     return ExecutorOptions(executor="ray", workers=2, ray_address=cluster, **kwargs)
 
 
-def test_ray_executor_writes_the_local_files(cluster, local, tmp_path):
+@pytest.fixture(scope="module")
+def distributed(cluster, local, tmp_path_factory):
+    """The same files written with --executor ray --workers 2."""
     images, reference = local
-    extract(SIFT, images, tmp_path / "features.h5", executor=ray_options(cluster, images_per_task=2))
-    match(MNN, reference / "pairs.txt", tmp_path / "features.h5", tmp_path / "matches.h5",
-          executor=ray_options(cluster))
-    assert_same(tmp_path / "features.h5", reference / "features.h5")
-    assert_same(tmp_path / "matches.h5", reference / "matches.h5")
-    with h5py.File(tmp_path / "matches.h5") as file:
+    out = tmp_path_factory.mktemp("ray")
+    extract(SIFT, images, out / "features.h5", executor=ray_options(cluster, images_per_task=2))
+    match(MNN, reference / "pairs.txt", out / "features.h5", out / "matches.h5", executor=ray_options(cluster))
+    return out
+
+
+def test_ray_executor_writes_the_local_files(local, distributed):
+    _, reference = local
+    assert_same(distributed / "features.h5", reference / "features.h5")
+    assert_same(distributed / "matches.h5", reference / "matches.h5")
+    with h5py.File(distributed / "matches.h5") as file:
         groups = [group for key, group in file.items() if not key.startswith(".")]  # not the features record
         assert len(groups) == 11 and sum(len(group) for group in groups) == 66  # by first image
+
+
+def test_model_from_the_ray_run_equals_the_local_model(local, distributed, tmp_path):
+    """SfM on the Ray run's features and matches registers the same views with the same number of points (and the
+    same camera centres) as on the local run's: the 12-image generated scene, SIFT + MNN, exhaustive pairs."""
+    import pycolmap
+
+    from recon.sfm import SfMOptions, reconstruct
+
+    images, reference = local
+    results = {run: reconstruct(tmp_path / run, images, reference / "pairs.txt", folder / "features.h5",
+                                folder / "matches.h5", options=SfMOptions(fresh_process=False))
+               for run, folder in (("local", reference), ("ray", distributed))}
+    models = {run: pycolmap.Reconstruction(result.sparse_dir) for run, result in results.items()}
+    names = {run: sorted(image.name for image in model.images.values() if image.has_pose)
+             for run, model in models.items()}
+    assert names["ray"] == names["local"] and len(names["local"]) == 12
+    assert models["ray"].num_points3D() == models["local"].num_points3D() > 300  # 420
+    assert results["ray"].num_points == results["local"].num_points
+    for image in models["local"].images.values():
+        twin = models["ray"].find_image_with_name(image.name)
+        np.testing.assert_allclose(twin.projection_center(), image.projection_center(), atol=1e-6)
 
 
 def test_killed_worker_is_retried_and_output_unchanged(cluster, local, tmp_path, monkeypatch):
