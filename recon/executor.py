@@ -56,7 +56,8 @@ class ExecutorOptions:
              "the workers, at most 1 each; 0 without GPUs)")
     tasks_per_worker: int = option(2, flags=("--tasks-per-worker",),
                                    help="ray: tasks queued per worker (bounds the driver's memory)")
-    images_per_task: int = option(4, flags=("--images-per-task",), help="ray: images per extraction or retrieval-descriptor task")
+    images_per_task: int = option(4, flags=("--images-per-task",),
+                                  help="ray: images per extraction or retrieval-descriptor task")
 
     def check(self) -> None:
         if self.workers is not None and self.workers < 1:
