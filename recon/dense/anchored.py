@@ -26,6 +26,10 @@ a restarted run keeps the appended keypoints up to the highest index a stored ma
 rest (those of pairs whose matches were lost), which is exactly the state after the last stored pair. At
 the end, matches0 of pairs written before their image 0 gained keypoints are padded with -1 to hloc's one
 entry per keypoint.
+**Two phases** (`match_anchored`): phase 1 is the network (a pair's warp, or its matches when nothing carries over
+from pair to pair, i.e. without propagation), here or on Ray workers (recon.executor); phase 2 takes the pairs in
+the order of the pairs file and anchors, checks tracks, propagates and writes, here, so the result does not
+depend on where or in which order phase 1 ran.
 """
 
 from __future__ import annotations
