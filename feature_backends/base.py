@@ -519,6 +519,14 @@ class GlobalDescriptor(Backend):
     def prepare(self, image_dir: str, names: list[str]) -> None:
         """Fit collection-dependent state (e.g. a VLAD codebook) before `describe`; learned models need none."""
 
+    def prepared_state(self) -> dict[str, np.ndarray]:
+        """What `prepare` fitted, as arrays: the distributed executor fits once on the driver and hands this to
+        every worker (`load_prepared_state`), so all images are described with the same state."""
+        return {}
+
+    def load_prepared_state(self, state: dict[str, np.ndarray]) -> None:
+        """Take the state another instance's `prepare` fitted (see `prepared_state`)."""
+
     def _describe(self, image: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

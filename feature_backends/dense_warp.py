@@ -219,3 +219,39 @@ class WarpMatcher(DenseMatcher):
 
     def match_encoded(self, encoded0: dict[str, np.ndarray], encoded1: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._sample(self.warp_encoded(encoded0, encoded1))
+
+
+class EncodedWarpMatcher(WarpMatcher):
+    """A warp matcher whose network is a per-image encoder followed by a pair decoder (RoMa and its variants,
+    DKMv3): `encode` runs the encoder once per image, the dense stage caches the result (on the GPU within a share
+    of its free memory, spilling over to host memory: recon.dense.common), and `warp_encoded` runs the decoder on
+    two cached encodings. Subclasses implement `_encoder_features` ((1,3,H,W) image in [0,1] on the device →
+    named feature tensors) and `_decode` (two such dicts → a Warp; sizes are filled in here).
+
+    An encoding is {"size": (width, height), name: tensor on the backend's device, ...}; the cache may hand back a
+    spilled one with its tensors on the host, which `warp_encoded` moves to the device."""
+
+    def _encoder_features(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _decode(self, features0: dict[str, torch.Tensor], features1: dict[str, torch.Tensor]) -> Warp:
+        raise NotImplementedError
+
+    def encode(self, image: np.ndarray) -> dict[str, Any]:
+        with torch.inference_mode(), self.autocast():
+            features = self._encoder_features(self.image_tensor(image))
+        return {"size": np.array([image.shape[1], image.shape[0]]), **features}
+
+    def _features(self, encoded: dict[str, Any]) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+        features = {k: torch.as_tensor(v, device=self.device) for k, v in encoded.items() if k != "size"}
+        return features, tuple(int(v) for v in encoded["size"])
+
+    def warp_encoded(self, encoded0: dict[str, Any], encoded1: dict[str, Any]) -> Warp:
+        (features0, size0), (features1, size1) = self._features(encoded0), self._features(encoded1)
+        with torch.inference_mode(), self.autocast():
+            warp = self._decode(features0, features1)
+        warp.size0, warp.size1 = size0, size1
+        return warp
+
+    def warp_images(self, image0: np.ndarray, image1: np.ndarray) -> Warp:
+        return self.warp_encoded(self.encode(image0), self.encode(image1))

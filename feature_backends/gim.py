@@ -24,6 +24,10 @@ ship, and only what differs is written here:
   two-pass matching (coarse at (h, w), refinement at the upsampling resolution, certainty attenuated by the
   coarse certainty). tests/test_dense.py checks the module tree key by key against DKMv3's published layout and
   loads a checkpoint in GIM's layout with strict=True.
+- In the dense stage each image is encoded once (both passes' ResNet pyramids, about 0.4 GB per image at GIM's
+  672x896 / 1152x1536 in float32) and cached as RoMa's are (feature_backends.dense_warp.EncodedWarpMatcher): the
+  same network one image at a time, where `DKMv3.match` encodes the two images of a pair as one batch (equal
+  within float rounding; tested).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Conf, StateDictBackend
-from .dense_warp import Warp, WarpMatcher, identity_grid
+from .dense_warp import EncodedWarpMatcher, Warp, identity_grid
 from .errors import WeightsError
 from .roma import RoMa, resolution
 from .weights import DINOV2_VITL14, WeightFile, load_state_dict_strict
@@ -254,6 +258,9 @@ class DKMv3(nn.Module):
         features = self.encoder(torch.cat([image0, image1]), coarse=flow is None)
         first = {s: f.chunk(2)[0] for s, f in features.items()}
         second = {s: f.chunk(2)[1] for s, f in features.items()}
+        return self._decode_pass(first, second, symmetric, flow, certainty)
+
+    def _decode_pass(self, first, second, symmetric: bool, flow=None, certainty=None):
         if symmetric:  # both directions in one batch: (0→1, 1→0)
             first, second = ({s: torch.cat([first[s], second[s]]) for s in first},
                              {s: torch.cat([second[s], first[s]]) for s in first})
@@ -261,22 +268,50 @@ class DKMv3(nn.Module):
 
     def match(self, image0, image1, coarse_res, upsample_res, symmetric: bool):
         """Images (1, 3, H, W) in the model's input range → flow (B, H, W, 2) and certainty (B, H, W) at the
-        output resolution; B = 2 (both directions) when symmetric."""
-        resize = lambda image, size: F.interpolate(image, size=size, mode="bilinear", align_corners=False)  # noqa: E731
-        out = self._pass(resize(image0, coarse_res), resize(image1, coarse_res), symmetric)
-        size = upsample_res or coarse_res
-        attenuation = F.interpolate(out[16]["certainty"], size=size, mode="bilinear", align_corners=False)
-        attenuation = 0.5 * attenuation * (attenuation < 0)
+        output resolution; B = 2 (both directions) when symmetric. Both images go through the encoder as one
+        batch, as published (`encode` + `decode` is the same network one image at a time)."""
+        out = self._pass(_resize(image0, coarse_res), _resize(image1, coarse_res), symmetric)
+        if upsample_res is None:
+            return self._output(out, out, coarse_res)
+        fine = self._pass(_resize(image0, upsample_res), _resize(image1, upsample_res), symmetric,
+                          out[1]["flow"], out[1]["certainty"])
+        return self._output(out, fine, upsample_res)
+
+    def encode(self, image, coarse_res, upsample_res) -> dict[str, torch.Tensor]:
+        """The encoder's pyramids of one image: {"coarse.<stride>": ...} at coarse_res (strides 1-32) and, with
+        upsample_res, {"fine.<stride>": ...} (strides 1-8, all the refining pass uses)."""
+        features = {f"coarse.{s}": f for s, f in self.encoder(_resize(image, coarse_res), coarse=True).items()}
         if upsample_res is not None:
-            out = self._pass(resize(image0, upsample_res), resize(image1, upsample_res), symmetric,
-                             out[1]["flow"], out[1]["certainty"])
-        flow = out[1]["flow"].permute(0, 2, 3, 1)
-        certainty = (out[1]["certainty"] - attenuation).sigmoid()[:, 0]
+            fine = self.encoder(_resize(image, upsample_res), coarse=False)
+            features.update({f"fine.{s}": f for s, f in fine.items()})
+        return features
+
+    def decode(self, features0: dict, features1: dict, symmetric: bool):
+        """`match` from two `encode` results."""
+        level = lambda features, name: {int(k[len(name) + 1:]): v for k, v in features.items()  # noqa: E731
+                                        if k.startswith(name + ".")}
+        out = self._decode_pass(level(features0, "coarse"), level(features1, "coarse"), symmetric)
+        if "fine.1" not in features0:
+            return self._output(out, out, tuple(features0["coarse.1"].shape[-2:]))
+        fine = self._decode_pass(level(features0, "fine"), level(features1, "fine"), symmetric,
+                                 out[1]["flow"], out[1]["certainty"])
+        return self._output(out, fine, tuple(features0["fine.1"].shape[-2:]))
+
+    @staticmethod
+    def _output(coarse: dict, final: dict, size):
+        attenuation = F.interpolate(coarse[16]["certainty"], size=size, mode="bilinear", align_corners=False)
+        attenuation = 0.5 * attenuation * (attenuation < 0)
+        flow = final[1]["flow"].permute(0, 2, 3, 1)
+        certainty = (final[1]["certainty"] - attenuation).sigmoid()[:, 0]
         certainty = certainty * ((flow.abs() <= 1).all(dim=-1))  # a warp leaving the image is not a match
         return flow.clamp(-1, 1), certainty
 
 
-class GIMDKM(WarpMatcher, StateDictBackend):
+def _resize(image: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+
+
+class GIMDKM(EncodedWarpMatcher, StateDictBackend):
     """GIM's DKMv3 checkpoint in DKMv3 (built here from romatch and torchvision parts); raw [0, 1] RGB input."""
 
     default_conf = {
@@ -306,12 +341,14 @@ class GIMDKM(WarpMatcher, StateDictBackend):
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
-    def _warp(self, image0: torch.Tensor, image1: torch.Tensor) -> Warp:
+    def _encoder_features(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.conf.normalize:
-            image0, image1 = (image0 - self._mean) / self._std, (image1 - self._mean) / self._std
-        flow, certainty = self.model.match(image0, image1, self.coarse_res, self.upsample_res, self.conf.symmetric)
+            image = (image - self._mean) / self._std
+        return self.model.encode(image, self.coarse_res, self.upsample_res)
+
+    def _decode(self, features0: dict[str, torch.Tensor], features1: dict[str, torch.Tensor]) -> Warp:
+        flow, certainty = self.model.decode(features0, features1, self.conf.symmetric)
         flow, certainty = flow.float(), certainty.float()
         if not self.conf.symmetric:
             return Warp(flow[0], certainty[0], (0, 0), (0, 0))
         return Warp(flow[0], certainty[0], (0, 0), (0, 0), backward=flow[1], backward_certainty=certainty[1])
-

@@ -17,11 +17,13 @@ romatch's; what this wrapper changes is around it:
   to on and then fails with ImportError on Linux without that extra.
 - Each image is encoded once per stage, not once per pair: romatch's match() runs the encoder (VGG pyramid and
   DINOv2 at the coarse resolution, VGG again at the upsampling one) on both images of every pair, 2 x 7.8 s of
-  a pair's ~80 s at 560/864 on our 2-core CPU (scripts/bench_dense.py). `encode` returns those features for the dense stage's byte-budget cache and
-  `warp_encoded` feeds them to romatch's own match() in place of its encoder, so the decoder and everything after
-  it is romatch's code; the result is bit for bit romatch's with its encoder run one image at a time (the parity
-  test), and within float rounding (certainty 1.3e-5) of its batch-of-two encoder. GIM's and MINIMA's RoMa
-  inherit this.
+  a pair's ~80 s at 560/864 on our 2-core CPU (scripts/bench_dense.py). `encode` returns those features (about
+  0.5 GB per image at 560/864 in float32) for the dense stage's cache, on the device (a GPU's within half its
+  free memory, spilling over to host memory: feature_backends.dense_warp.EncodedWarpMatcher, recon.dense.common),
+  and `warp_encoded` feeds them to romatch's own match() in place of its encoder, so the decoder and everything
+  after it is romatch's code; the result is bit for bit romatch's with its encoder run one image at a time (the
+  parity test), and within float rounding (certainty 1.3e-5) of its batch-of-two encoder. GIM's and MINIMA's
+  RoMa inherit this.
 - Sampling is feature_backends.dense_warp's seeded, memory-bounded reimplementation of romatch's
   threshold_balanced sampling (see that module for why).
 
@@ -37,12 +39,11 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .base import Conf, StateDictBackend
-from .dense_warp import Warp, WarpMatcher
+from .dense_warp import EncodedWarpMatcher, Warp, WarpMatcher
 from .errors import ConfigError, WeightsError
 from .weights import DINOV2_VITL14, WeightFile, load_state_dict_strict
 
@@ -113,7 +114,7 @@ def build_roma(
     return model.eval()
 
 
-class RoMa(WarpMatcher, StateDictBackend):
+class RoMa(EncodedWarpMatcher, StateDictBackend):
     """RoMa through romatch. Variants: outdoor (default), indoor, minima (MINIMA's RoMa weights)."""
 
     default_conf = {
@@ -176,55 +177,27 @@ class RoMa(WarpMatcher, StateDictBackend):
             features.update({f"{name}.{stride}": value for stride, value in pyramid.items()})
         return features
 
-    def encode(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """Encoder features of one image, for every pair it is in (about 0.5 GB at 560/864 in float32).
-
-        On CPU one image takes 7.8 s at 560/864 (2 cores), about a tenth of a pair, and romatch runs it twice per
-        pair. On other devices
-        the image is returned as is: the byte-budget cache weighs host arrays only, and moving features
-        between host and device on every pair would cost about what the encoder does there (not measured).
-        """
-        if self.device.type != "cpu":
-            return {"image": image}
-        with torch.inference_mode(), self.autocast():
-            features = self._encoder_features(self.image_tensor(image))
-        # .numpy() shares memory with the tensors: the cache weighs them without a copy.
-        return {"size": np.array([image.shape[1], image.shape[0]]), **{k: v.numpy() for k, v in features.items()}}
-
-    def _features(self, encoded: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
-        if "image" in encoded:
-            image = encoded["image"]
-            return self._encoder_features(self.image_tensor(image)), (image.shape[1], image.shape[0])
-        features = {k: torch.from_numpy(v) for k, v in encoded.items() if k != "size"}
-        return features, tuple(int(v) for v in encoded["size"])
+    def _decode(self, features0: dict[str, torch.Tensor], features1: dict[str, torch.Tensor]) -> Warp:
+        """romatch's match() on two encodings (its encoder bypassed through `_pair_features`)."""
+        # romatch reads only the shapes of its image arguments once the encoder is bypassed.
+        placeholder = torch.zeros(1, 1, 1, 1, device=self.device)
+        high_res = {}
+        if self.upsample_res is not None:
+            fine = placeholder.expand(1, 3, *self.upsample_res)
+            high_res = {"im_A_high_res": fine, "im_B_high_res": fine}
+        coarse = placeholder.expand(1, 3, *self.coarse_res)
+        self._pair = (features0, features1)
+        try:
+            warp, certainty = self.model.match(coarse, coarse, **high_res)
+        finally:
+            self._pair = None
+        return split_romatch_warp(warp[0], certainty[0], self.conf.symmetric)
 
     def _pair_features(self, batch, batched: bool = True, upsample: bool = False) -> dict[int, torch.Tensor]:
         prefix = "fine." if upsample else "coarse."
         features0, features1 = self._pair
         return {int(key[len(prefix):]): torch.cat((features0[key], features1[key]))
                 for key in features0 if key.startswith(prefix)}
-
-    def warp_encoded(self, encoded0: dict[str, np.ndarray], encoded1: dict[str, np.ndarray]) -> Warp:
-        with torch.inference_mode(), self.autocast():
-            (features0, size0), (features1, size1) = self._features(encoded0), self._features(encoded1)
-            # romatch reads only the shapes of its image arguments once the encoder is bypassed.
-            placeholder = torch.zeros(1, 1, 1, 1, device=self.device)
-            high_res = {}
-            if self.upsample_res is not None:
-                fine = placeholder.expand(1, 3, *self.upsample_res)
-                high_res = {"im_A_high_res": fine, "im_B_high_res": fine}
-            coarse = placeholder.expand(1, 3, *self.coarse_res)
-            self._pair = (features0, features1)
-            try:
-                warp, certainty = self.model.match(coarse, coarse, **high_res)
-            finally:
-                self._pair = None
-        warp = split_romatch_warp(warp[0], certainty[0], self.conf.symmetric)
-        warp.size0, warp.size1 = size0, size1
-        return warp
-
-    def warp_images(self, image0: np.ndarray, image1: np.ndarray) -> Warp:
-        return self.warp_encoded(self.encode(image0), self.encode(image1))
 
 
 def split_romatch_warp(warp: torch.Tensor, certainty: torch.Tensor, symmetric: bool) -> Warp:

@@ -75,6 +75,13 @@ class VLAD(GlobalDescriptor):
         logger.info("VLAD codebook: %d clusters fitted on %d descriptors from %d images",
                     len(self.codebook), len(descriptors), len(sample))
 
+    def prepared_state(self) -> dict[str, np.ndarray]:
+        assert self.codebook is not None, "call prepare() first"
+        return {"codebook": self.codebook.numpy()}
+
+    def load_prepared_state(self, state: dict[str, np.ndarray]) -> None:
+        self.codebook = torch.from_numpy(np.asarray(state["codebook"], np.float32))
+
     def aggregate(self, descriptors: torch.Tensor) -> torch.Tensor:
         assert self.codebook is not None, "call prepare() first"
         k, dim = self.codebook.shape

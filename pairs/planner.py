@@ -161,8 +161,10 @@ def plan(
     options: PairOptions,
     descriptors_path: str | Path | None = None,
     device: Any = None,
+    executor: Any = None,
 ) -> PairPlan:
-    """Choose the pairs for `names` (relative to `image_dir`). Global descriptors go to `descriptors_path`."""
+    """Choose the pairs for `names` (relative to `image_dir`). Global descriptors go to `descriptors_path`, computed
+    where `executor` (recon.executor.ExecutorOptions) says."""
     names = list(names)
     if options.method == "auto":
         options = replace(options, method=options.resolved_method(len(names)))
@@ -205,7 +207,7 @@ def plan(
 
     if needs_retrieval:
         _add_retrieval(result, details, seconds, image_dir, names, ordered, unordered, options, descriptors_path,
-                       positions, neighbours if positions is not None else None, device)
+                       positions, neighbours if positions is not None else None, device, executor)
 
     pairs_plan = PairPlan(options.method, names, result.pairs, result.sources, details, seconds)
     stats = pairs_plan.stats()
@@ -219,7 +221,7 @@ def plan(
 
 def _add_retrieval(result: _Accumulator, details: dict, seconds: dict, image_dir, names: list[str],
                    ordered: list[str], unordered: list[str], options: PairOptions, descriptors_path,
-                   positions, neighbours, device) -> None:
+                   positions, neighbours, device, executor=None) -> None:
     """Retrieval pairs (or, for sequences, loop closure and links between sequences) added to `result`."""
     if descriptors_path is None:
         raise ConfigError("retrieval needs a path for the global descriptors (global-feats.h5)")
@@ -232,7 +234,7 @@ def _add_retrieval(result: _Accumulator, details: dict, seconds: dict, image_dir
     # Descriptors for the whole collection, not just the listed images: VLAD fits its codebook on the images
     # it is given, and descriptors from different codebooks in one file would not be comparable.
     extract_global_descriptors(image_dir, descriptors_path, options.retrieval, options.retrieval_conf, names,
-                               device=device)
+                               device=device, executor=executor)
     seconds["global_descriptors"] = time.perf_counter() - start
     start = time.perf_counter()
     stored, descriptors = read_global_descriptors(descriptors_path)

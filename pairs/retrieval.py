@@ -6,14 +6,16 @@ O(block·N) and 10⁴-10⁵ images need no index library (faiss is not a depende
 broken by database order.
 
 Extraction resumes from the images already stored and, for learned backends, batches images of the same size
-(on CUDA; one by one on CPU, where batching gains nothing and costs memory).
+(on CUDA; one by one on CPU, where batching gains nothing and costs memory). With `--executor ray` the images are
+sharded over workers like the extraction stage's (recon.executor); what is fitted on the whole collection
+(VLAD's codebook) is fitted once here and shipped to the workers.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ from feature_backends.errors import ImageReadError, InputError
 from feature_backends.images import iter_images, list_images
 from feature_backends.store import GlobalWriter
 
+from recon.executor import ExecutorOptions, run_tasks
+
 from .io import pair_key
 
 logger = logging.getLogger(__name__)
@@ -33,6 +37,51 @@ logger = logging.getLogger(__name__)
 QUERY_BLOCK = 1024
 
 ScoredPair = tuple[str, str, float]
+
+
+class GlobalWorker:
+    """One global backend, loaded once, with the collection's fitted state (`prepared_state` of the driver's
+    instance: VLAD's codebook); called with image names, returns (name, descriptor | error text) for each. The
+    same code runs in this process and in a Ray actor (recon.executor)."""
+
+    def __init__(self, backend: str, conf: Mapping[str, Any] | None, device: Any, image_dir: str | Path,
+                 state: Mapping[str, np.ndarray] | None = None, batch_size: int | None = None, model=None):
+        self.model = model or registry.get_backend("global", backend, conf, device=device)
+        if state:
+            self.model.load_prepared_state(dict(state))
+        self.image_dir = Path(image_dir)
+        batched = hasattr(self.model, "describe_batch")
+        self.batch_size = batch_size or (self.model.preferred_batch_size() if batched else 1)
+        if self.batch_size > 1 and not batched:
+            raise InputError(f"global backend '{backend}' cannot batch; use batch_size 1")
+
+    def __call__(self, names: Sequence[str]) -> list[tuple[str, np.ndarray | str]]:
+        return list(self.describe(names))
+
+    def describe(self, names: Sequence[str]) -> Iterator[tuple[str, np.ndarray | str]]:
+        """Descriptors in batches of same-size images: images wait in one bucket per size until it is full; the
+        buckets are bounded in number by the distinct sizes in flight, and all are flushed at the end."""
+        buckets: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = defaultdict(list)
+
+        def flush(key: tuple[int, ...]):
+            items = buckets.pop(key, [])
+            if self.batch_size > 1:
+                descriptors = self.model.describe_batch([image for _, image in items]) if items else []
+            else:
+                descriptors = [self.model.describe(image) for _, image in items]
+            yield from ((name, descriptor) for (name, _), descriptor in zip(items, descriptors))
+
+        for name, image in iter_images(self.image_dir, names):
+            if isinstance(image, ImageReadError):
+                yield name, str(image)
+                continue
+            buckets[image.shape].append((name, image))
+            if len(buckets[image.shape]) >= self.batch_size:
+                yield from flush(image.shape)
+            elif sum(len(b) for b in buckets.values()) >= 4 * self.batch_size:
+                yield from flush(max(buckets, key=lambda k: len(buckets[k])))
+        for key in list(buckets):
+            yield from flush(key)
 
 
 def extract_global_descriptors(
@@ -43,19 +92,20 @@ def extract_global_descriptors(
     image_list: Sequence[str] | None = None,
     device: Any = None,
     batch_size: int | None = None,
+    executor: ExecutorOptions | None = None,
 ) -> Path:
     """Write `/<name>/global_descriptor` for every image not yet in `export_path`; return the path.
 
-    `batch_size` None picks the backend's preference (8 on CUDA for learned models, else 1).
+    `batch_size` None picks the backend's preference (8 on CUDA for learned models, else 1). `executor`
+    (recon.executor): with Ray, the collection-dependent state is fitted here (VLAD's codebook: `prepare`), the
+    per-image descriptors are computed on the workers (images sharded as in extraction) and written here.
     """
     names = list_images(image_dir, image_list)
-    model = registry.get_backend("global", backend, conf, device=device)
+    distributed = executor is not None and executor.executor != "local"
+    # With Ray workers, the driver's model only fits the state and records the configuration: keep it on CPU.
+    model = registry.get_backend("global", backend, conf, device="cpu" if distributed else device)
     record = {"backend": backend, "conf": model.conf.to_dict()}
-    batched = hasattr(model, "describe_batch")
-    if batch_size is None:
-        batch_size = model.preferred_batch_size() if batched else 1
-    if batch_size > 1 and not batched:
-        raise InputError(f"global backend '{backend}' cannot batch; use batch_size 1")
+    local = GlobalWorker(backend, conf, device, image_dir, batch_size=batch_size, model=model)
     with GlobalWriter(export_path, conf=record) as writer:
         todo = [name for name in names if name not in writer.names]
         if not todo:
@@ -64,33 +114,19 @@ def extract_global_descriptors(
         logger.info("Global descriptors (%s): %d to compute, %d already stored", backend, len(todo),
                     len(names) - len(todo))
         model.prepare(str(image_dir), names)
-        # Images wait in one bucket per size until the bucket is full; the buckets are bounded in number by the
-        # distinct sizes in flight, and all are flushed at the end.
-        buckets: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = defaultdict(list)
-
-        def flush(key: tuple[int, ...]) -> None:
-            items = buckets.pop(key, [])
-            if not items:
-                return
-            if batch_size > 1:
-                descriptors = model.describe_batch([image for _, image in items])
-            else:
-                descriptors = [model.describe(items[0][1])]
-            for (name, _), descriptor in zip(items, descriptors):
-                writer.write(name, descriptor)
-
-        progress = tqdm(iter_images(image_dir, todo), total=len(todo), desc=f"global {backend}", unit="img")
-        for name, image in progress:
-            if isinstance(image, ImageReadError):
-                logger.warning("Skipping unreadable image %s: %s", name, image)
+        if distributed:
+            state = model.prepared_state()
+            tasks = (todo[start:start + executor.images_per_task]
+                     for start in range(0, len(todo), executor.images_per_task))
+            chunks = run_tasks(executor, GlobalWorker, (backend, conf, device, image_dir, state, batch_size), tasks)
+            results = (item for chunk in chunks for item in chunk)
+        else:
+            results = local.describe(todo)
+        for name, descriptor in tqdm(results, total=len(todo), desc=f"global {backend}", unit="img"):
+            if isinstance(descriptor, str):
+                logger.warning("Skipping unreadable image %s: %s", name, descriptor)
                 continue
-            buckets[image.shape].append((name, image))
-            if len(buckets[image.shape]) >= batch_size:
-                flush(image.shape)
-            elif sum(len(b) for b in buckets.values()) >= 4 * batch_size:
-                flush(max(buckets, key=lambda k: len(buckets[k])))
-        for key in list(buckets):
-            flush(key)
+            writer.write(name, descriptor)
     return Path(export_path)
 
 

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs = _command(commands, "pairs", "write pairs.txt (+ pairs-stats.json, global-feats.h5)",
                      ("images", PATH), ("output", PATH))
     add_options(pairs, PairOptions)
+    add_options(pairs, ExecutorOptions)
     pairs.add_argument("--device", default=None)
 
     extract = _command(commands, "extract", "write features.h5 (hloc layout)", ("images", PATH), ("output", PATH))
@@ -130,7 +131,8 @@ def _command_frames(args) -> int:
 def _command_pairs(args) -> int:
     from .pairs import plan_pairs
 
-    plan = plan_pairs(args.images, args.output, build_options(PairOptions, args), device=args.device)
+    plan = plan_pairs(args.images, args.output, build_options(PairOptions, args), device=args.device,
+                      executor=build_options(ExecutorOptions, args))
     stats = args.output.with_name(args.output.stem + "-stats.json")
     print(f"{len(plan.pairs)} pairs ({plan.method}) → {args.output} (per-source counts in {stats})")
     return 0

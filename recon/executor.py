@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -37,7 +38,8 @@ result_hooks: list[Callable[[Any, int, Any], None]] = []
 class ExecutorOptions:
     executor: Literal["local", "ray"] = option(
         "local", flags=("--executor",),
-        help="where extraction and matching run: this process, or Ray actors (pip install recon[distributed])")
+        help="where extraction, retrieval descriptors and matching run: this process, or Ray actors "
+             "(pip install recon[distributed])")
     workers: int | None = option(
         None, flags=("--workers",),
         help="ray: worker actors, each loading the model once (default: one per GPU of the cluster, else one per "
@@ -54,7 +56,8 @@ class ExecutorOptions:
              "the workers, at most 1 each; 0 without GPUs)")
     tasks_per_worker: int = option(2, flags=("--tasks-per-worker",),
                                    help="ray: tasks queued per worker (bounds the driver's memory)")
-    images_per_task: int = option(4, flags=("--images-per-task",), help="ray: images per extraction task")
+    images_per_task: int = option(4, flags=("--images-per-task",),
+                                  help="ray: images per extraction or retrieval-descriptor task")
 
     def check(self) -> None:
         if self.workers is not None and self.workers < 1:
@@ -76,8 +79,9 @@ def require_ray():
 
 
 def run_tasks(options: ExecutorOptions | None, worker_class: type, worker_args: tuple,
-              tasks: Iterable[Any]) -> Iterator[Any]:
-    """`worker_class(*worker_args)(task)` for every task: in order here (local), in completion order on Ray."""
+              tasks: Iterable[Any], ordered: bool = False) -> Iterator[Any]:
+    """`worker_class(*worker_args)(task)` for every task: in order here (local), in completion order on Ray, or
+    in task order on Ray with `ordered` (for a driver whose result depends on the order: anchored dense)."""
     if options is None or options.executor == "local":
         worker = worker_class(*worker_args)
         for task in tasks:
@@ -85,7 +89,7 @@ def run_tasks(options: ExecutorOptions | None, worker_class: type, worker_args: 
         return
     pool = RayPool(options, worker_class, worker_args)
     try:
-        yield from pool.map(tasks)
+        yield from pool.map_ordered(tasks) if ordered else pool.map(tasks)
     finally:
         pool.close()
 
@@ -160,6 +164,32 @@ class RayPool:
             ready, _ = self.ray.wait(list(pending), num_returns=1)
             load[pending.pop(ready[0])] -= 1
             result = self.ray.get(ready[0])
+            done_count += 1
+            for hook in result_hooks:
+                hook(self, done_count, result)
+            yield result
+
+    def map_ordered(self, tasks: Iterable[Any]) -> Iterator[Any]:
+        """Results in task order. The bound counts finished results still waiting for an older one (they stay in
+        Ray's object store until their turn), so the driver's memory stays bounded as in `map`; the price is
+        that a slow task holds its window slots until it finishes."""
+        window: deque[tuple[Any, int]] = deque()
+        load = [0] * len(self.actors)
+        queue = iter(tasks)
+        done_count = 0
+        while True:
+            while len(window) < self.limit:
+                task = next(queue, _END)
+                if task is _END:
+                    break
+                index = min(range(len(load)), key=load.__getitem__)
+                window.append((self.actors[index].run.remote(task), index))
+                load[index] += 1
+            if not window:
+                return
+            reference, index = window.popleft()
+            result = self.ray.get(reference)
+            load[index] -= 1
             done_count += 1
             for hook in result_hooks:
                 hook(self, done_count, result)

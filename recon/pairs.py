@@ -19,11 +19,12 @@ __all__ = ["PairOptions", "plan_pairs"]
 
 def plan_pairs(image_dir: str | Path, pairs_path: str | Path, options: PairOptions | None = None,
                image_list: Sequence[str] | None = None, device: Any = None,
-               global_features_path: str | Path | None = None) -> PairPlan:
-    """Write `pairs_path` (and `<stem>-stats.json`); returns the plan (method chosen, pairs, counts per source)."""
+               global_features_path: str | Path | None = None, executor=None) -> PairPlan:
+    """Write `pairs_path` (and `<stem>-stats.json`); returns the plan (method chosen, pairs, counts per source).
+    `executor` (recon.executor.ExecutorOptions): where the retrieval descriptors are computed."""
     pairs_path = Path(pairs_path)
     names = list_images(image_dir, image_list)
     descriptors = Path(global_features_path) if global_features_path else pairs_path.parent / "global-feats.h5"
-    pairs_plan = plan(image_dir, names, options or PairOptions(), descriptors, device)
+    pairs_plan = plan(image_dir, names, options or PairOptions(), descriptors, device, executor)
     write_plan(pairs_plan, pairs_path)
     return pairs_plan

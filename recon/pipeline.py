@@ -291,7 +291,8 @@ def _run_locked(inputs, out_dir: Path, config: RunConfig, claim_output, timed: _
         skipped += undecodable + featureless
         _need_two_views(names, skipped)
         sink.emit("items", stage="extract", done=len(names), total=len(names) + len(skipped), skipped=len(skipped))
-    pairs_plan = timed("pairs", plan_pairs, image_dir, pairs_path, config.pairs, names, config.device)
+    pairs_plan = timed("pairs", plan_pairs, image_dir, pairs_path, config.pairs, names, config.device,
+                       executor=config.executor)
     sink.emit("items", stage="pairs", done=len(pairs_plan.pairs), total=len(pairs_plan.pairs))
     if config.dense_mode:
         timed("match", match_dense, config.match.backend_conf(), pairs_path, image_dir, features_path,

@@ -71,16 +71,45 @@ def ray_options(cluster, **kwargs) -> ExecutorOptions:
     return ExecutorOptions(executor="ray", workers=2, ray_address=cluster, **kwargs)
 
 
-def test_ray_executor_writes_the_local_files(cluster, local, tmp_path):
+@pytest.fixture(scope="module")
+def distributed(cluster, local, tmp_path_factory):
+    """The same files written with --executor ray --workers 2."""
     images, reference = local
-    extract(SIFT, images, tmp_path / "features.h5", executor=ray_options(cluster, images_per_task=2))
-    match(MNN, reference / "pairs.txt", tmp_path / "features.h5", tmp_path / "matches.h5",
-          executor=ray_options(cluster))
-    assert_same(tmp_path / "features.h5", reference / "features.h5")
-    assert_same(tmp_path / "matches.h5", reference / "matches.h5")
-    with h5py.File(tmp_path / "matches.h5") as file:
+    out = tmp_path_factory.mktemp("ray")
+    extract(SIFT, images, out / "features.h5", executor=ray_options(cluster, images_per_task=2))
+    match(MNN, reference / "pairs.txt", out / "features.h5", out / "matches.h5", executor=ray_options(cluster))
+    return out
+
+
+def test_ray_executor_writes_the_local_files(local, distributed):
+    _, reference = local
+    assert_same(distributed / "features.h5", reference / "features.h5")
+    assert_same(distributed / "matches.h5", reference / "matches.h5")
+    with h5py.File(distributed / "matches.h5") as file:
         groups = [group for key, group in file.items() if not key.startswith(".")]  # not the features record
         assert len(groups) == 11 and sum(len(group) for group in groups) == 66  # by first image
+
+
+def test_model_from_the_ray_run_equals_the_local_model(local, distributed, tmp_path):
+    """SfM on the Ray run's features and matches registers the same views with the same number of points (and the
+    same camera centres) as on the local run's: the 12-image generated scene, SIFT + MNN, exhaustive pairs."""
+    import pycolmap
+
+    from recon.sfm import SfMOptions, reconstruct
+
+    images, reference = local
+    results = {run: reconstruct(tmp_path / run, images, reference / "pairs.txt", folder / "features.h5",
+                                folder / "matches.h5", options=SfMOptions(fresh_process=False))
+               for run, folder in (("local", reference), ("ray", distributed))}
+    models = {run: pycolmap.Reconstruction(result.sparse_dir) for run, result in results.items()}
+    names = {run: sorted(image.name for image in model.images.values() if image.has_pose)
+             for run, model in models.items()}
+    assert names["ray"] == names["local"] and len(names["local"]) == 12
+    assert models["ray"].num_points3D() == models["local"].num_points3D() > 300  # 420
+    assert results["ray"].num_points == results["local"].num_points
+    for image in models["local"].images.values():
+        twin = models["ray"].find_image_with_name(image.name)
+        np.testing.assert_allclose(twin.projection_center(), image.projection_center(), atol=1e-6)
 
 
 def test_killed_worker_is_retried_and_output_unchanged(cluster, local, tmp_path, monkeypatch):
@@ -147,3 +176,59 @@ def test_dense_quantised_on_ray_equals_local(cluster, crops, tmp_path):
     with h5py.File(tmp_path / "m.h5") as file:
         assert sum(len(group) for group in file.values()) == 3
         assert min((group["matches0"][()] >= 0).sum() for pair in file.values() for group in pair.values()) > 150
+
+
+@pytest.mark.parametrize("backend", ["vlad", "cosplace"])
+def test_retrieval_descriptors_on_ray_equal_local(cluster, synthetic_scene, tmp_path, backend):
+    """global-feats.h5 from Ray workers (3 images per task) equals the local one: VLAD's codebook is fitted once
+    on the driver and shipped to the workers; CosPlace (random weights in the official layout, from a file every
+    worker loads) has no fitted state."""
+    import torch
+    from test_retrieval import _random_state_dict, official_cosplace_shapes
+
+    from pairs.retrieval import extract_global_descriptors
+
+    conf = {}
+    if backend == "cosplace":
+        torch.save(_random_state_dict(official_cosplace_shapes("ResNet18", 512)), tmp_path / "r18.pth")
+        conf = {"backbone": "ResNet18", "dim": 512, "weights": str(tmp_path / "r18.pth"), "resize_max": 160}
+    images = synthetic_scene / "images"
+    extract_global_descriptors(images, tmp_path / "local.h5", backend, conf)
+    extract_global_descriptors(images, tmp_path / "ray.h5", backend, conf,
+                               executor=ray_options(cluster, images_per_task=3))
+    assert_same(tmp_path / "ray.h5", tmp_path / "local.h5")
+    got = datasets(tmp_path / "ray.h5")
+    assert len(got) == 13  # 12 descriptors and the record
+    assert {value.shape for key, value in got.items() if key != "@conf"} == {(8192 if backend == "vlad" else 512,)}
+
+
+@pytest.mark.parametrize("propagate", [True, False])
+def test_dense_anchored_on_ray_equals_local(cluster, crops, tmp_path, monkeypatch, propagate):
+    """Anchored dense (SIFT anchors, the translation oracle's warps) in two phases: warps (with propagation) or
+    matches (without) from Ray workers, one pair per task so two workers finish out of order, then anchoring,
+    the track check and propagation here in pair order: features.h5 (with the keypoints propagation appended)
+    and matches.h5 equal the local run's."""
+    from test_dense import TranslationOracle
+
+    from recon.dense import anchored, match_dense
+
+    image_dir, pairs, offsets, table = crops
+    conf = {"name": f"sift+{TranslationOracle.__module__}:TranslationOracle", "offsets": table,
+            "propagate": propagate}
+    monkeypatch.setattr(anchored, "PAIRS_PER_TASK", 1)
+    runs = {}
+    for run, executor in (("local", None), ("ray", ray_options(cluster))):
+        out = tmp_path / run
+        extract({"name": "sift", "max_keypoints": 512}, image_dir, out / "f.h5")
+        match_dense(dict(conf), pairs, image_dir, out / "f.h5", out / "m.h5", executor=executor)
+        runs[run] = out
+    assert_same(runs["ray"] / "f.h5", runs["local"] / "f.h5")
+    assert_same(runs["ray"] / "m.h5", runs["local"] / "m.h5")
+    with h5py.File(runs["ray"] / "f.h5") as file:
+        added = sum(len(file[n]["keypoints"]) - file[n]["keypoints"].attrs.get("detected", len(file[n]["keypoints"]))
+                    for n in offsets)
+    with h5py.File(runs["ray"] / "m.h5") as file:
+        matched = [int((group["matches0"][()] >= 0).sum()) for pair in file.values() if isinstance(pair, h5py.Group)
+                   for group in pair.values() if isinstance(group, h5py.Group)]
+    assert len(matched) == 3 and min(matched) > 20
+    assert (added > 0) == propagate

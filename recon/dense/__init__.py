@@ -116,26 +116,26 @@ def match_dense(
     features.h5, which the extraction stage wrote with that detector (recon.extract), and refuses other ones.
     With `mask_dir` (recon.extract's convention), quantised mode drops every sampled match with an end on a masked
     pixel; anchored mode matches the extraction stage's keypoints, which that stage already masked.
-    `executor` (recon.executor): with Ray, quantised mode runs the network on workers (pairs sharded by first
-    image); anchored mode runs here (its result depends on pair order: see the README).
+    `executor` (recon.executor): with Ray, both modes run the network on workers (pairs sharded by first image);
+    what depends on the order of the pairs (anchored mode's anchoring, track check and propagation) and the
+    writes stay here.
     """
     name, backend_conf = registry.split_conf(conf)
     anchor, dense_name = parse_matcher_name(name)
     options = _stage_keys(backend_conf, options or DenseOptions(), anchored=anchor is not None)
     image_dir = Path(image_dir)
     pairs = read_pairs(pairs_path)
-    distributed = executor is not None and executor.executor != "local" and anchor is None
+    distributed = executor is not None and executor.executor != "local"
     # With Ray workers, the driver's model only records the configuration: keep it on CPU.
     model = registry.get_backend("dense", dense_name, backend_conf, device="cpu" if distributed else device)
     if anchor is None:
         match_quantised(model, dense_name, pairs, image_dir, features_path, matches_path, mask_dir=mask_dir,
                         executor=executor, remote=(dense_name, backend_conf, device), **options.mode_settings(False))
     else:
-        if executor is not None and executor.executor != "local":
-            logger.warning("Anchored dense matching runs in this process: --executor ray is not used for it yet")
         require_warp(dense_name)
         check_anchors(features_path, anchor)
-        match_anchored(model, dense_name, pairs, image_dir, features_path, matches_path, **options.mode_settings(True))
+        match_anchored(model, dense_name, pairs, image_dir, features_path, matches_path, executor=executor,
+                       remote=(dense_name, backend_conf, device), **options.mode_settings(True))
     return Path(matches_path)
 
 

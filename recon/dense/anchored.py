@@ -26,6 +26,10 @@ a restarted run keeps the appended keypoints up to the highest index a stored ma
 rest (those of pairs whose matches were lost), which is exactly the state after the last stored pair. At
 the end, matches0 of pairs written before their image 0 gained keypoints are padded with -1 to hloc's one
 entry per keypoint.
+**Two phases** (`match_anchored`): phase 1 is the network (a pair's warp, or its matches when nothing carries over
+from pair to pair, i.e. without propagation), here or on Ray workers (recon.executor); phase 2 takes the pairs in
+the order of the pairs file and anchors, checks tracks, propagates and writes, here, so the result does not
+depend on where or in which order phase 1 ran.
 """
 
 from __future__ import annotations
@@ -37,13 +41,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
+from feature_backends.dense_warp import Warp
 from feature_backends.errors import ImageReadError
 from feature_backends.store import FeatureReader, FeatureWriter, MatchReader, MatchWriter, read_stored_conf
 
 from ..cache import ByteBudgetCache
+from ..executor import run_tasks
 from ..match import pending_pairs
 from .common import encoded_images, grouped_by_first_image
 
@@ -316,16 +323,108 @@ def _stored_keypoints(features_path, matches_path, pairs, image_ids, tracks: _Tr
     return keep, {name: keep[name] for name, (total, _) in counts.items() if total > keep[name]}
 
 
+#: Pairs per Ray task in anchored mode (consecutive pairs of one first image): with propagation each result
+#: carries a whole warp (RoMa symmetric at 864 px: ~18 MB), so tasks stay small.
+PAIRS_PER_TASK = 4
+
+
+def warp_arrays(warp: Warp) -> dict[str, np.ndarray]:
+    """A warp as host arrays (what a Ray worker returns); `warp_from_arrays` is the inverse."""
+    out = {"size0": np.asarray(warp.size0), "size1": np.asarray(warp.size1)}
+    for key in ("forward", "certainty", "backward", "backward_certainty"):
+        if getattr(warp, key) is not None:
+            out[key] = getattr(warp, key).detach().cpu().numpy()
+    return out
+
+
+def warp_from_arrays(arrays: Mapping[str, np.ndarray]) -> Warp:
+    # Arrays Ray returns are read-only views of its object store; torch wants writable memory.
+    tensors = {key: torch.from_numpy(np.array(arrays[key])) if key in arrays else None
+               for key in ("forward", "certainty", "backward", "backward_certainty")}
+    return Warp(size0=tuple(int(v) for v in arrays["size0"]), size1=tuple(int(v) for v in arrays["size1"]), **tensors)
+
+
+@dataclass
+class _Settings:
+    radius: float
+    min_certainty: float
+    cycle: bool
+    exclusive: bool
+    propagate: bool
+
+
+class AnchoredWorker:
+    """Phase 1 of anchored matching (the network) for a few pairs of one first image; the same code runs here and
+    in a Ray actor (recon.executor). A task is (name0, keypoints0, [(name1, keypoints1), ...]); keypoints are None
+    with propagation, whose pairs need the keypoints earlier pairs add, known only in phase 2 (the driver): then
+    a pair's result is its warp (host arrays), else its matches on the given keypoints. An unreadable image gives
+    the error text."""
+
+    def __init__(self, dense_name: str, backend_conf: dict, device, image_dir: Path, settings: _Settings,
+                 model=None):
+        from feature_backends import registry
+
+        self.model = model or registry.get_backend("dense", dense_name, backend_conf, device=device)
+        self.encoded = encoded_images(self.model, image_dir)
+        self.settings = settings
+
+    def pair(self, name0: str, name1: str, keypoints0, keypoints1):
+        """A pair's Warp (keypoints None) or (matches0, scores0), or the error text."""
+        try:
+            warp = self.model.warp_encoded(self.encoded[name0], self.encoded[name1])
+        except ImageReadError as error:
+            return str(error)
+        if keypoints0 is None:
+            return warp
+        s = self.settings
+        return anchor_matches(warp, keypoints0, keypoints1, s.radius, s.min_certainty, s.cycle, s.exclusive)
+
+    def __call__(self, task):
+        name0, keypoints0, partners = task
+        results = [(name0, name1, self.pair(name0, name1, keypoints0, keypoints1)) for name1, keypoints1 in partners]
+        return [(a, b, warp_arrays(r) if isinstance(r, Warp) else r) for a, b, r in results]
+
+
+def _phase_one(worker: AnchoredWorker, todo, keypoints: _AnchorKeypoints, executor, remote: tuple):
+    """(name0, name1, Warp | (matches0, scores0) | error text) for every pair of `todo`, in its order: computed
+    here one pair at a time, or on Ray workers (`remote`: their constructor's arguments) in tasks of
+    PAIRS_PER_TASK consecutive pairs of one first image, returned in task order (recon.executor's ordered map)."""
+    if executor is None or executor.executor == "local":
+        for name0, name1 in todo:  # anchored in phase 2, as every pair with propagation
+            yield name0, name1, worker.pair(name0, name1, None, None)
+        return
+    given = (lambda name: None) if worker.settings.propagate else keypoints.__getitem__
+
+    def tasks():
+        task = None
+        for name0, name1 in todo:
+            if task is None or task[0] != name0 or len(task[2]) == PAIRS_PER_TASK:
+                if task is not None:
+                    yield task
+                task = (name0, given(name0), [])
+            task[2].append((name1, given(name1)))
+        if task is not None:
+            yield task
+
+    for results in run_tasks(executor, AnchoredWorker, remote, tasks(), ordered=True):
+        for name0, name1, result in results:
+            yield name0, name1, warp_from_arrays(result) if isinstance(result, dict) else result
+
+
 def match_anchored(model, name: str, pairs: Sequence[tuple[str, str]], image_dir: Path, features_path, matches_path,
                    radius: float, cycle: bool, exclusive: bool = False, consistent: bool = True,
-                   propagate: bool = True) -> Path:
+                   propagate: bool = True, executor=None, remote: tuple | None = None) -> Path:
+    """Anchored matching in two phases: the network's per-pair warps (or matches, without propagation) here or on
+    Ray workers (`executor`, with `remote` = the workers' (dense name, backend conf, device)), then here, in the
+    order of the pairs whatever the executor, anchoring, the track check, propagation and the writes; so a
+    distributed run writes the local run's files (on one device type: a warp moved from a GPU is anchored on
+    the driver's CPU)."""
     if not model.has_warp:
         model.warp_images(None, None)  # raises the backend's own message: it gives matches, not a warp
-    min_certainty = float(model.conf.get("min_certainty", 0.0))
+    settings = _Settings(radius, float(model.conf.get("min_certainty", 0.0)), cycle, exclusive, propagate)
     record = {"backend": name, "conf": model.conf.to_dict(), "mode": "anchored",
               "anchors": read_stored_conf(features_path), "radius": radius, "cycle": cycle,
               "exclusive": exclusive, "consistent": consistent, "propagate": propagate}
-    encoded = encoded_images(model, image_dir)
     pairs = grouped_by_first_image(pairs)  # also the order in which tracks take their matches, resumed or not
     image_ids = {image: i for i, image in enumerate(sorted({n for pair in pairs for n in pair}))}
     tracks = _Tracks() if consistent else None
@@ -340,47 +439,55 @@ def match_anchored(model, name: str, pairs: Sequence[tuple[str, str]], image_dir
                 keypoints.writer.truncate_keypoints(image_name, count)
         writer = stack.enter_context(MatchWriter(matches_path, conf=record, before_publish=keypoints.flush))
         todo = pending_pairs(writer, pairs, matches_path)
-        skipped = []
-        for name0, name1 in tqdm(todo, desc=f"match {name} (anchored)", unit="pair"):
-            if name0 not in features or name1 not in features:
-                skipped.append((name0, name1))  # an image the extraction stage could not read
+        readable = [pair for pair in todo if pair[0] in features and pair[1] in features]
+        skipped = len(todo) - len(readable)  # an image the extraction stage could not read
+        # The driver's worker is not used with Ray workers (its model only recorded the configuration above).
+        local = AnchoredWorker(name, {}, None, image_dir, settings, model=model)
+        results = _phase_one(local, readable, keypoints, executor, (*remote, image_dir, settings) if remote else ())
+        for name0, name1, result in tqdm(results, total=len(readable), desc=f"match {name} (anchored)", unit="pair"):
+            if isinstance(result, str):
+                logger.warning("Skipping pair (%s, %s): %s", name0, name1, result)
+                skipped += 1
                 continue
-            try:
-                warp = model.warp_encoded(encoded[name0], encoded[name1])
-            except ImageReadError as error:
-                logger.warning("Skipping pair (%s, %s): %s", name0, name1, error)
-                skipped.append((name0, name1))
-                continue
-            result = anchor_matches(warp, keypoints[name0], keypoints[name1], radius, min_certainty, cycle, exclusive,
-                                    propagate)
-            del warp
-            matches0, scores0 = result[:2]
-            ids = (image_ids[name0], image_ids[name1])
-            if tracks is not None:
-                matches0 = tracks.add(*ids, matches0, scores0)
-                scores0 = np.where(matches0 >= 0, scores0, 0).astype(np.float32)
-            if propagate:
-                counts = (keypoints.count(name0), keypoints.count(name1))
-                matches0, scores0, gained0, gained1 = _propagate(tracks, ids, counts, matches0, scores0, result[2:],
-                                                                 radius)
-                keypoints.add(name0, gained0)
-                keypoints.add(name1, gained1)
+            matches0, scores0 = _phase_two(name0, name1, result, keypoints, tracks, image_ids, settings)
             writer.write(name0, name1, {"matches0": matches0, "matching_scores0": scores0})
         if propagate:
-            # hloc's matches0 has one entry per keypoint of image 0: pairs written before image 0 gained keypoints
-            # are padded with -1 once every image has all of its keypoints.
-            for name0, name1 in pairs:
-                if name0 not in features or name1 not in features or not writer.has(name0, name1):
-                    continue
-                raw, reversed_ = writer.read_raw(name0, name1)
-                first = name1 if reversed_ else name0
-                missing = keypoints.count(first) - len(raw["matches0"])
-                if missing > 0:
-                    writer.write(*((name1, name0) if reversed_ else (name0, name1)),
-                                 {**raw, "matches0": np.r_[raw["matches0"], np.full(missing, -1, np.int32)],
-                                  "matching_scores0": np.r_[raw["matching_scores0"], np.zeros(missing, np.float32)]})
+            _pad_matches(writer, pairs, features, keypoints)
     if skipped:
-        logger.warning("%d pairs with unreadable images were skipped", len(skipped))
+        logger.warning("%d pairs with unreadable images were skipped", skipped)
     return Path(matches_path)
 
 
+def _phase_two(name0, name1, result, keypoints: _AnchorKeypoints, tracks: _Tracks | None, image_ids,
+               settings: _Settings):
+    """One pair's matches0 / scores0 from its warp (or its matches), after the track check and propagation."""
+    if isinstance(result, Warp):
+        result = anchor_matches(result, keypoints[name0], keypoints[name1], settings.radius, settings.min_certainty,
+                                settings.cycle, settings.exclusive, settings.propagate)
+    matches0, scores0 = result[:2]
+    ids = (image_ids[name0], image_ids[name1])
+    if tracks is not None:
+        matches0 = tracks.add(*ids, matches0, scores0)
+        scores0 = np.where(matches0 >= 0, scores0, 0).astype(np.float32)
+    if settings.propagate:
+        counts = (keypoints.count(name0), keypoints.count(name1))
+        matches0, scores0, gained0, gained1 = _propagate(tracks, ids, counts, matches0, scores0, result[2:],
+                                                         settings.radius)
+        keypoints.add(name0, gained0)
+        keypoints.add(name1, gained1)
+    return matches0, scores0
+
+
+def _pad_matches(writer: MatchWriter, pairs, features: FeatureReader, keypoints: _AnchorKeypoints) -> None:
+    """hloc's matches0 has one entry per keypoint of image 0: pairs written before image 0 gained keypoints are
+    padded with -1 once every image has all of its keypoints."""
+    for name0, name1 in pairs:
+        if name0 not in features or name1 not in features or not writer.has(name0, name1):
+            continue
+        raw, reversed_ = writer.read_raw(name0, name1)
+        first = name1 if reversed_ else name0
+        missing = keypoints.count(first) - len(raw["matches0"])
+        if missing > 0:
+            writer.write(*((name1, name0) if reversed_ else (name0, name1)),
+                         {**raw, "matches0": np.r_[raw["matches0"], np.full(missing, -1, np.int32)],
+                          "matching_scores0": np.r_[raw["matching_scores0"], np.zeros(missing, np.float32)]})
