@@ -64,23 +64,26 @@ LIGHTGLUE_FILES = {("lightglue", "disk"): "disk_lightglue.pth", ("lightglue", "s
                    ("minima-lightglue", "superpoint"): "minima_lightglue.pth"}
 
 
+def random_xfeat_state() -> dict:
+    """Unit-scale random XFeat weights with keypoint logits x3: fills 4096 keypoints at 1200 px (PyTorch's default
+    initialisation leaves every heatmap value under XFeat's 0.05 threshold, i.e. no keypoint at all)."""
+    from kornia.feature import XFeatModel
+
+    from feature_backends.roma import random_state_dict
+
+    state = random_state_dict(XFeatModel(), seed=0)
+    state["keypoint_head.3.weight"] *= 3
+    return state
+
+
 def make_random_weights(folder: Path) -> None:
     import torch
-    from kornia.feature import ALIKED, DISK, XFeatModel
+    from kornia.feature import ALIKED, DISK
     from kornia.feature import LightGlue as KorniaLightGlue
     from kornia.feature.dedode.dedode_models import dedode_descriptor_B, dedode_detector_L
 
     from feature_backends.dad import dad_detector
     from feature_backends.superpoint import SuperPointNet
-
-    def xfeat() -> dict:
-        """Unit-scale random weights with keypoint logits x3: fills 4096 keypoints at 1200 px (PyTorch's default
-        initialisation leaves every heatmap value under XFeat's 0.05 threshold, i.e. no keypoint at all)."""
-        from feature_backends.roma import random_state_dict
-
-        state = random_state_dict(XFeatModel(), seed=0)
-        state["keypoint_head.3.weight"] *= 3
-        return state
 
     def lightglue(features: str) -> dict:
         preset = {k: v for k, v in KorniaLightGlue.features[features].items() if k != "weights"}
@@ -94,7 +97,7 @@ def make_random_weights(folder: Path) -> None:
         "depth-save.pth": lambda: {"extractor": DISK().state_dict()},
         "aliked-n16.pth": lambda: ALIKED("aliked-n16").state_dict(),
         "superpoint_v1.pth": lambda: SuperPointNet().state_dict(),
-        "xfeat.pt": xfeat,
+        "xfeat.pt": random_xfeat_state,
         **{file: (lambda f=features: lightglue(f)) for (_, features), file in LIGHTGLUE_FILES.items()},
     }
     for name, build in files.items():
@@ -311,6 +314,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side; medians are reported")
     parser.add_argument("--weights-dir", type=Path, help="folder with the real weight files (default: random)")
+    parser.add_argument("--random-weights", type=Path,
+                        help="folder of the random weight files, made where missing and reused by later runs "
+                             "(default: a fresh temporary folder)")
     parser.add_argument("--only", nargs="*", help="backends to run, a matcher also as MATCHER:FEATURES (default: all)")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -320,8 +326,9 @@ def main() -> int:
         return 0
 
     images = [str(p) for p in list_images(args.images, args.num_images)]
-    weights_dir = args.weights_dir or Path(tempfile.mkdtemp(prefix="recon-bench-weights-"))
+    weights_dir = args.weights_dir or args.random_weights or Path(tempfile.mkdtemp(prefix="recon-bench-weights-"))
     if not args.weights_dir:
+        weights_dir.mkdir(parents=True, exist_ok=True)
         make_random_weights(weights_dir)
     env = {**os.environ, "RECON_WEIGHTS_DIR": str(weights_dir), "RECON_OFFLINE": "1"}
     rows = []

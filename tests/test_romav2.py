@@ -88,9 +88,9 @@ def no_random_init():
         yield
 
 
-@pytest.fixture(scope="module")
-def reference():
-    """romav2's RoMaV2 built by its own constructor (hub code and download patched out) and its random checkpoint."""
+def official_romav2():
+    """romav2's RoMaV2 built by its own constructor (hub code and download patched out), weights not loaded.
+    Also the reference of scripts/bench_dense.py."""
     from romav2 import RoMaV2
     from romav2.features import Descriptor
     from romav2.matcher import Matcher
@@ -105,13 +105,27 @@ def reference():
             mock.patch.object(RoMaV2, "load_state_dict"):
         model = RoMaV2(cfg)
     assert hub_load.call_args.kwargs["model"] == "dinov3_vitl16" and hub_load.call_args.kwargs["pretrained"] is False
-    checkpoint = random_state_dict(model, seed=5)
+    return model
+
+
+def random_checkpoint(model: nn.Module, seed: int = 5) -> dict[str, torch.Tensor]:
+    """Random weights in romav2.0.1.pt's layout, with the values DINOv3 and the matcher fix (masked key bias,
+    RoPE periods, temperature and scale)."""
+    checkpoint = random_state_dict(model, seed=seed)
     dim = 1024
     for key in checkpoint:
         if key.endswith("attn.qkv.bias_mask"):  # Meta's init: q and v biases on, key bias masked
             checkpoint[key] = torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)])
         elif key.endswith("rope_embed.periods") or key in ("matcher.temp", "matcher.scale"):
             checkpoint[key] = model.state_dict()[key].clone()
+    return checkpoint
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """romav2's own model and the random checkpoint loaded into it."""
+    model = official_romav2()
+    checkpoint = random_checkpoint(model)
     nn.Module.load_state_dict(model, checkpoint)  # strict: the checkpoint has the official layout
     return model.eval(), checkpoint
 
