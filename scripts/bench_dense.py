@@ -281,15 +281,6 @@ ZOO_FILES = {"loftr": "loftr_outdoor.ckpt", "minima-loftr": "minima_loftr.ckpt",
 WARP_ONLY = {"romav2-warp"}
 
 
-def _tests_module(name: str):
-    """A test module's helpers (the random-weight recipes and romav2's reference live with their tests)."""
-    import importlib
-    import sys
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    return importlib.import_module(name)
-
-
 def informative_xfeat_state(image: Path) -> dict:
     """bench_features' random XFeat weights made to match: the descriptor head's input (after a ReLU) shares one
     large component at every cell, so every coarse descriptor has the same nearest neighbour (1 mutual match per
@@ -319,7 +310,7 @@ def informative_xfeat_state(image: Path) -> dict:
 
 def zoo_weights(name: str, folder: Path, image: Path) -> None:
     """Random weights in the official layout of `name`'s file, saved under its official name in `folder`. LoFTR
-    weights are test_zoo_loftr's `informative_state_dict` (plain random LoFTR weights give 0-3 matches per pair,
+    weights are recon.references' `informative_loftr_state` (plain random LoFTR weights give 0-3 matches per pair,
     which would leave the fine stage idle), calibrated on `image`; XFeat's likewise (`informative_xfeat_state`)."""
     import torch
 
@@ -333,19 +324,22 @@ def zoo_weights(name: str, folder: Path, image: Path) -> None:
         from feature_backends.images import read_image
         from feature_backends.loftr import kornia_loftr_config
 
-        loftr = _tests_module("test_zoo_loftr")
-        decoded = read_image(image)
+        from recon.references import informative_loftr_state
+
+        decoded = read_image(image, grayscale=name != "gim-loftr")
+        tensor = torch.from_numpy(decoded).permute(2, 0, 1)[None].contiguous()
         if name == "gim-loftr":
-            network, tensor = gim_loftr_network(), loftr.rgb(decoded)
+            network = gim_loftr_network()
         else:
-            network, tensor = LoFTR(pretrained=None, config=kornia_loftr_config(False, 0.2)), loftr.gray(decoded)
-        state = loftr.informative_state_dict(network, tensor, seed=len(name))
+            network = LoFTR(pretrained=None, config=kornia_loftr_config(False, 0.2))
+        state = informative_loftr_state(network, tensor, seed=len(name))
         torch.save({"state_dict": state}, path)
     elif name == "xfeat-star":
         torch.save(informative_xfeat_state(image), path)
     else:
-        romav2 = _tests_module("test_romav2")
-        torch.save(romav2.random_checkpoint(romav2.official_romav2()), path)
+        from recon.references import official_romav2, random_romav2_checkpoint
+
+        torch.save(random_romav2_checkpoint(official_romav2()), path)
 
 
 def _zoo_reference(name: str, conf: dict, weights: Path, warp_only: bool = False):
@@ -361,7 +355,9 @@ def _zoo_reference(name: str, conf: dict, weights: Path, warp_only: bool = False
     conf = {**cls.full_default_conf(), **preset, **conf}
     state = torch.load(weights / ZOO_FILES[name], weights_only=True)
     if name == "romav2":
-        model = _tests_module("test_romav2").official_romav2()
+        from recon.references import official_romav2
+
+        model = official_romav2()
         torch.nn.Module.load_state_dict(model, state)
         model.eval().apply_setting(conf["setting"])
         tensor = lambda image: torch.from_numpy(image).permute(2, 0, 1)[None]  # noqa: E731
