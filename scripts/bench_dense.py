@@ -18,7 +18,13 @@
    observations per point (COLMAP's track length), reprojection error, pose AUC against the known cameras.
 
     python scripts/bench_dense.py --stream-images 3 --markdown            # everything (about 25 min on 2 cores)
-    python scripts/bench_dense.py --skip-throughput --skip-memory         # keypoint modes only (about 4 min)"""
+    python scripts/bench_dense.py --skip-throughput --skip-memory         # keypoint modes only (about 4 min)
+
+4. `--zoo [NAME ...]` (alone): the other dense backends (LoFTR, MINIMA's and GIM's LoFTR, XFeat*, RoMa v2) against
+   their installable references with the same random weights: pairs/s and each side's peak resident memory, each
+   measurement in a fresh process, the sides alternating (benchlib.alternate_children), as bench_features does.
+
+    python scripts/bench_dense.py --zoo --stream-images 3 --markdown"""
 
 from __future__ import annotations
 
@@ -256,6 +262,219 @@ def keypoint_modes(num_frames: int, num_matches: int, radius: float) -> list[dic
     return rows
 
 
+# --- the rest of the dense zoo against its references ---------------------------------------------------------------
+
+#: row → (backend, conf for ours, the reference's label). RoMa v2 runs its `turbo` setting (320², one direction):
+#: its default `precise` (800² + 1280², both directions) takes minutes per pair on 2 CPU cores. Its "warp" row
+#: leaves sampling out on both sides (ours `warp_images`, romav2 `match`): the samplers differ (romav2's KDE
+#: compares 4 x 10000 candidates with each other).
+ZOO = {
+    "loftr": ("loftr", {}, "kornia LoFTR"),
+    "minima-loftr": ("minima-loftr", {}, "kornia LoFTR"),
+    "gim-loftr": ("gim-loftr", {}, "kornia LoFTR forward, GIM backbone (recon's; GIM not installable)"),
+    "xfeat-star": ("xfeat-star", {}, "kornia XFeat.match_xfeat_star"),
+    "romav2": ("romav2", {"setting": "turbo"}, "romav2 RoMaV2.match + sample (own constructor)"),
+    "romav2-warp": ("romav2", {"setting": "turbo"}, "romav2 RoMaV2.match (own constructor)"),
+}
+ZOO_FILES = {"loftr": "loftr_outdoor.ckpt", "minima-loftr": "minima_loftr.ckpt", "gim-loftr": "gim_loftr_50h.ckpt",
+             "xfeat-star": "xfeat.pt", "romav2": "romav2.0.1.pt"}
+WARP_ONLY = {"romav2-warp"}
+
+
+def informative_xfeat_state(image: Path) -> dict:
+    """bench_features' random XFeat weights made to match: the descriptor head's input (after a ReLU) shares one
+    large component at every cell, so every coarse descriptor has the same nearest neighbour (1 mutual match per
+    pair); it is projected out of the last fusion convolution (calibrated on `image`), and the fine matcher's
+    logits are sharpened x10 so that matches pass XFeat*'s 0.25 confidence (88 matches on two temple images)."""
+    import torch
+    from kornia.feature import XFeatModel
+
+    from bench_features import random_xfeat_state
+    from feature_backends.images import read_image
+
+    state = random_xfeat_state()
+    network = XFeatModel()
+    network.load_state_dict(state)
+    captured = {}
+    network.eval().block_fusion[2].register_forward_hook(lambda m, i, o: captured.update(x=i[0]))
+    with torch.no_grad():
+        network(torch.from_numpy(read_image(image)).permute(2, 0, 1)[None])
+    common = torch.nn.functional.normalize(captured["x"].mean(dim=(0, 2, 3)), dim=0)
+    weight = state["block_fusion.2.weight"]
+    state["block_fusion.2.weight"] = weight - torch.einsum("oikl,i->okl", weight, common)[:, None] * common[
+        None, :, None, None]
+    state["block_fusion.2.bias"] = torch.zeros_like(state["block_fusion.2.bias"])
+    state["fine_matcher.12.weight"] = state["fine_matcher.12.weight"] * 10
+    return state
+
+
+def zoo_weights(name: str, folder: Path, image: Path) -> None:
+    """Random weights in the official layout of `name`'s file, saved under its official name in `folder`. LoFTR
+    weights are recon.references' `informative_loftr_state` (plain random LoFTR weights give 0-3 matches per pair,
+    which would leave the fine stage idle), calibrated on `image`; XFeat's likewise (`informative_xfeat_state`)."""
+    import torch
+
+    path = folder / ZOO_FILES[name]
+    if path.exists():
+        return
+    if name in ("loftr", "minima-loftr", "gim-loftr"):
+        from kornia.feature import LoFTR
+
+        from feature_backends.gim_loftr import gim_loftr_network
+        from feature_backends.images import read_image
+        from feature_backends.loftr import kornia_loftr_config
+
+        from recon.references import informative_loftr_state
+
+        decoded = read_image(image, grayscale=name != "gim-loftr")
+        tensor = torch.from_numpy(decoded).permute(2, 0, 1)[None].contiguous()
+        if name == "gim-loftr":
+            network = gim_loftr_network()
+        else:
+            network = LoFTR(pretrained=None, config=kornia_loftr_config(False, 0.2))
+        state = informative_loftr_state(network, tensor, seed=len(name))
+        torch.save({"state_dict": state}, path)
+    elif name == "xfeat-star":
+        torch.save(informative_xfeat_state(image), path)
+    else:
+        from recon.references import official_romav2, random_romav2_checkpoint
+
+        torch.save(random_romav2_checkpoint(official_romav2()), path)
+
+
+def _zoo_reference(name: str, conf: dict, weights: Path, warp_only: bool = False):
+    """`name`'s reference, called directly: a function of two decoded images → number of matches (of warp
+    cells with `warp_only`)."""
+    import numpy as np
+    import torch
+
+    from feature_backends.images import resize_image
+    from feature_backends.registry import resolve
+
+    cls, preset = resolve("dense", name)
+    conf = {**cls.full_default_conf(), **preset, **conf}
+    state = torch.load(weights / ZOO_FILES[name], weights_only=True)
+    if name == "romav2":
+        from recon.references import official_romav2
+
+        model = official_romav2()
+        torch.nn.Module.load_state_dict(model, state)
+        model.eval().apply_setting(conf["setting"])
+        tensor = lambda image: torch.from_numpy(image).permute(2, 0, 1)[None]  # noqa: E731
+
+        def run(image0, image1):
+            preds = model.match(tensor(image0), tensor(image1))
+            return preds["warp_AB"][0, ..., 0].numel() if warp_only else len(model.sample(preds, conf["num_matches"])[0])
+        return run
+    if name == "xfeat-star":
+        from kornia.feature import XFeat
+
+        model = XFeat(top_k=conf["top_k"])
+        model.net.load_state_dict(state)
+        model.eval()
+
+        def resized(image):
+            image, _ = resize_image(image, conf["resize_max"], False, 32)
+            return torch.from_numpy(image.transpose(2, 0, 1).copy())[None]
+
+        return lambda image0, image1: len(model.match_xfeat_star(resized(image0), resized(image1))[0])
+    from kornia.feature import LoFTR
+
+    from feature_backends.gim_loftr import gim_loftr_network
+    from feature_backends.loftr import kornia_loftr_config
+
+    if name == "gim-loftr":
+        network = gim_loftr_network(conf["match_threshold"])
+    else:
+        temp_bug_fix = cls.variants[conf["variant"]][1]
+        network = LoFTR(pretrained=None, config=kornia_loftr_config(temp_bug_fix, conf["match_threshold"]))
+    network.load_state_dict(state["state_dict"])
+    network.eval()
+
+    def prepare(image):
+        if cls.grayscale:
+            image = (image @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+        resized, _ = resize_image(image, conf["resize_max"], conf["resize_force"], cls.size_multiple)
+        return torch.from_numpy(resized.transpose(2, 0, 1).copy())[None]
+
+    def run(image0, image1):
+        with torch.inference_mode():
+            return len(network({"image0": prepare(image0), "image1": prepare(image1)})["confidence"])
+    return run
+
+
+def zoo_measure(side: str, row: str, images: list[str], stream_images: int) -> dict:
+    """Pairs/s over every pair of the first `stream_images` images after one warm-up pair of two others. Ours is
+    the dense stage's path: each image encoded once (`encode`, kept for all its pairs), `match_encoded` per pair
+    (`warp_encoded` for a warp-only row); the reference is called per pair on both images, as its API works."""
+    import os
+
+    from feature_backends.images import read_image
+    from feature_backends.registry import get_backend
+
+    name, conf, _ = ZOO[row]
+    warp_only = row in WARP_ONLY
+    if side == "ours":
+        model = get_backend("dense", name, conf, device="cpu")
+        cache: dict[int, dict] = {}
+
+        def run(i, j):
+            for k in (i, j):
+                if k not in cache:
+                    cache[k] = model.encode(decoded[k])
+            if warp_only:
+                return model.warp_encoded(cache[i], cache[j]).certainty.numel()
+            return len(model.match_encoded(cache[i], cache[j])["scores"])
+    else:
+        reference = _zoo_reference(name, conf, Path(os.environ["RECON_WEIGHTS_DIR"]), warp_only)
+        run = lambda i, j: reference(decoded[i], decoded[j])  # noqa: E731
+    decoded = [read_image(path) for path in images]
+    run(stream_images, stream_images + 1)
+    pairs = [(i, j) for i in range(stream_images) for j in range(i + 1, stream_images)]
+    start = time.perf_counter()
+    counts = [run(i, j) for i, j in pairs]
+    return {"rate": len(pairs) / (time.perf_counter() - start), "matches": sum(counts) / len(counts)}
+
+
+def zoo(names: list[str], images: list[Path], stream_images: int, repeats: int, threads: int,
+        weights: Path | None) -> list[tuple]:
+    """Every named backend against its reference: each side alone in a fresh process (its own peak memory), the
+    sides alternating `repeats` times; medians. Random weight files are made in `weights` where missing (default:
+    a fresh temporary folder). Each row is also printed as soon as it is measured."""
+    import json
+    import os
+    import sys
+
+    weights = weights or Path(tempfile.mkdtemp(prefix="recon-bench-zoo-"))
+    weights.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "RECON_WEIGHTS_DIR": str(weights), "RECON_OFFLINE": "1"}
+    chosen = [str(path) for path in images[:stream_images + 2]]
+    rows = []
+    for row in names:
+        name, conf, label = ZOO[row]
+        benchlib.run_child([__file__, "--zoo-child", json.dumps({"task": "weights", "name": name,
+                                                                 "folder": str(weights), "image": chosen[0]})], env)
+        spec = {"task": "measure", "row": row, "images": chosen, "stream_images": stream_images, "threads": threads}
+        medians = benchlib.alternate_children(
+            lambda side: [__file__, "--zoo-child", json.dumps({**spec, "side": side})], repeats, env,
+            keys=("rate", "peak_mb", "matches"))
+        setting = ", ".join(f"{k}={v}" for k, v in conf.items()) or "defaults"
+        rows.append((row, f"{setting}; ref: {label}", "pairs/s", medians["ours"], medians["reference"]))
+        print(benchlib.comparison_table(rows[-1:], extra=("matches",)).splitlines()[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def zoo_child(spec: dict) -> None:
+    import torch
+
+    if spec["task"] == "weights":
+        zoo_weights(spec["name"], Path(spec["folder"]), Path(spec["image"]))
+        benchlib.emit_result({"done": True})
+        return
+    torch.set_num_threads(spec["threads"])
+    benchlib.emit_result(zoo_measure(spec["side"], spec["row"], spec["images"], spec["stream_images"]))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of images (sorted by name)")
@@ -272,8 +491,28 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-memory", action="store_true", help="skip the separate-process memory runs")
     parser.add_argument("--skip-modes", action="store_true")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--zoo", nargs="*", choices=sorted(ZOO), metavar="NAME",
+                        help=f"instead of the above: these backends against their references (none given: all of "
+                             f"{', '.join(ZOO)}), medians of --repeats alternating runs in fresh processes")
+    parser.add_argument("--repeats", type=int, default=3, help="--zoo: alternating runs per side")
+    parser.add_argument("--threads", type=int, default=2, help="--zoo: torch threads")
+    parser.add_argument("--zoo-weights", type=Path, help="--zoo: folder of random weight files, made where missing "
+                                                           "(default: a fresh temporary folder)")
     parser.add_argument("--worker", choices=("ours", "romatch", "interleaved"), help=argparse.SUPPRESS)
+    parser.add_argument("--zoo-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.zoo_child:
+        zoo_child(__import__("json").loads(args.zoo_child))
+        return 0
+    if args.zoo is not None:
+        images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        rows = zoo(args.zoo or list(ZOO), images, args.stream_images, args.repeats, args.threads, args.zoo_weights)
+        pairs = args.stream_images * (args.stream_images - 1) // 2
+        print(f"CPU, {args.threads} threads, every pair of the first {args.stream_images} images of {args.images} "
+              f"({pairs} pairs) after one warm-up pair, one fresh process per measurement (peak = its VmHWM), "
+              f"medians of {args.repeats} alternating runs, random weights; matches = mean per pair (warp cells for a warp row), ours/reference")
+        print(benchlib.comparison_table(rows, markdown=args.markdown, extra=("matches",)))
+        return 0
     measures_roma = args.worker or not (args.skip_throughput and args.skip_memory)
     images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")) \
         if measures_roma else []  # the keypoint modes run on a generated scene

@@ -18,13 +18,17 @@ matcher's peak memory is not buried under the extractor's (DISK at 1600 px alone
 
 Without `--weights-dir` the networks get random weights of the official shapes (this machine has no pretrained
 files): speed and memory do not depend on the weight values, only on the keypoint counts, which random detectors
-still fill to `max_keypoints`. References: kornia for DeDoDe, DISK, ALIKED, XFeat, LightGlue (also LighterGlue) and MNN
-(`match_smnn`); for SuperPoint, cvg's copy inside the `dad-detector` wheel;
+still fill to `max_keypoints`. References: kornia for DeDoDe, DISK, ALIKED, XFeat, LightGlue (also LighterGlue and
+MINIMA's LightGlue, which is LightGlue's SuperPoint configuration with other weights) and MNN (`match_smnn`); for SuperPoint, cvg's copy inside the `dad-detector` wheel;
 for dual-softmax, the official `DualSoftMaxMatcher.match` rule written out in torch as the official code runs it
 (einsum, both softmaxes, `nonzero` of the mutual-max mask), since DeDoDe's matcher ships only in its git
 repository and kornia has no sparse dual-softmax. For DaD, the authors' package (`dad-detector`, `dad.load_DaD()`
 with its float16 CPU autocast switched off, as ours runs float32 on CPU) detects and kornia's DeDoDe-B describes,
 on the same PIL-resized input.
+
+Not here: the dense matchers (LoFTR family, XFeat*, RoMa, RoMa v2) are in bench_dense.py; `loma` and `omniglue` run
+published ONNX graphs with onnxruntime, which have no torch reference to compare with and could not be downloaded
+here (a benchmark on the tests' stand-in graphs would measure nothing of the real networks).
 """
 
 from __future__ import annotations
@@ -49,31 +53,37 @@ MATCHERS = (
     ("lightglue", "disk", {"features": "disk"}, {}),
     ("lightglue", "superpoint", {"features": "superpoint"}, {}),
     ("lighterglue", "xfeat", {}, {}),
+    ("minima-lightglue", "superpoint", {}, {}),
 )
 #: kornia's LightGlue configuration each matcher runs on a features type
 LIGHTGLUE_FEATURES = {("lightglue", "disk"): "disk", ("lightglue", "superpoint"): "superpoint",
-                      ("lighterglue", "xfeat"): "xfeat"}
-LIGHTGLUE_FILES = {"disk": "disk_lightglue.pth", "superpoint": "superpoint_lightglue.pth",
-                   "xfeat": "xfeat-lighterglue.pt"}
+                      ("lighterglue", "xfeat"): "xfeat", ("minima-lightglue", "superpoint"): "superpoint"}
+#: (matcher, kornia configuration) → its weight file
+LIGHTGLUE_FILES = {("lightglue", "disk"): "disk_lightglue.pth", ("lightglue", "superpoint"): "superpoint_lightglue.pth",
+                   ("lighterglue", "xfeat"): "xfeat-lighterglue.pt",
+                   ("minima-lightglue", "superpoint"): "minima_lightglue.pth"}
+
+
+def random_xfeat_state() -> dict:
+    """Unit-scale random XFeat weights with keypoint logits x3: fills 4096 keypoints at 1200 px (PyTorch's default
+    initialisation leaves every heatmap value under XFeat's 0.05 threshold, i.e. no keypoint at all)."""
+    from kornia.feature import XFeatModel
+
+    from feature_backends.roma import random_state_dict
+
+    state = random_state_dict(XFeatModel(), seed=0)
+    state["keypoint_head.3.weight"] *= 3
+    return state
 
 
 def make_random_weights(folder: Path) -> None:
     import torch
-    from kornia.feature import ALIKED, DISK, XFeatModel
+    from kornia.feature import ALIKED, DISK
     from kornia.feature import LightGlue as KorniaLightGlue
     from kornia.feature.dedode.dedode_models import dedode_descriptor_B, dedode_detector_L
 
     from feature_backends.dad import dad_detector
     from feature_backends.superpoint import SuperPointNet
-
-    def xfeat() -> dict:
-        """Unit-scale random weights with keypoint logits x3: fills 4096 keypoints at 1200 px (PyTorch's default
-        initialisation leaves every heatmap value under XFeat's 0.05 threshold, i.e. no keypoint at all)."""
-        from feature_backends.roma import random_state_dict
-
-        state = random_state_dict(XFeatModel(), seed=0)
-        state["keypoint_head.3.weight"] *= 3
-        return state
 
     def lightglue(features: str) -> dict:
         preset = {k: v for k, v in KorniaLightGlue.features[features].items() if k != "weights"}
@@ -87,8 +97,8 @@ def make_random_weights(folder: Path) -> None:
         "depth-save.pth": lambda: {"extractor": DISK().state_dict()},
         "aliked-n16.pth": lambda: ALIKED("aliked-n16").state_dict(),
         "superpoint_v1.pth": lambda: SuperPointNet().state_dict(),
-        "xfeat.pt": xfeat,
-        **{file: (lambda f=features: lightglue(f)) for features, file in LIGHTGLUE_FILES.items()},
+        "xfeat.pt": random_xfeat_state,
+        **{file: (lambda f=features: lightglue(f)) for (_, features), file in LIGHTGLUE_FILES.items()},
     }
     for name, build in files.items():
         if not (folder / name).exists():
@@ -243,7 +253,7 @@ def measure_matching(side: str, matcher: str, features: str, matcher_conf: dict,
 
         kind = LIGHTGLUE_FEATURES[matcher, features]
         model = LightGlue(features=None, **{k: v for k, v in LightGlue.features[kind].items() if k != "weights"})
-        model.load_state_dict(torch.load(Path(os.environ["RECON_WEIGHTS_DIR"]) / LIGHTGLUE_FILES[kind]),
+        model.load_state_dict(torch.load(Path(os.environ["RECON_WEIGHTS_DIR"]) / LIGHTGLUE_FILES[matcher, kind]),
                               strict=False)
         model.eval()
 
@@ -296,12 +306,6 @@ def child(spec: dict) -> None:
     benchlib.emit_result(result)
 
 
-def run_child(spec: dict, env: dict) -> dict:
-    """One measurement in a fresh process, with that process's peak resident memory."""
-    result, peak_mb = benchlib.run_child([__file__, "--child", json.dumps(spec)], env)
-    return {**result, "peak_mb": peak_mb} if result else {}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "fountain_p11" / "images")
@@ -310,6 +314,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side; medians are reported")
     parser.add_argument("--weights-dir", type=Path, help="folder with the real weight files (default: random)")
+    parser.add_argument("--random-weights", type=Path,
+                        help="folder of the random weight files, made where missing and reused by later runs "
+                             "(default: a fresh temporary folder)")
     parser.add_argument("--only", nargs="*", help="backends to run, a matcher also as MATCHER:FEATURES (default: all)")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -319,8 +326,9 @@ def main() -> int:
         return 0
 
     images = [str(p) for p in list_images(args.images, args.num_images)]
-    weights_dir = args.weights_dir or Path(tempfile.mkdtemp(prefix="recon-bench-weights-"))
+    weights_dir = args.weights_dir or args.random_weights or Path(tempfile.mkdtemp(prefix="recon-bench-weights-"))
     if not args.weights_dir:
+        weights_dir.mkdir(parents=True, exist_ok=True)
         make_random_weights(weights_dir)
     env = {**os.environ, "RECON_WEIGHTS_DIR": str(weights_dir), "RECON_OFFLINE": "1"}
     rows = []
@@ -328,9 +336,9 @@ def main() -> int:
 
     def alternate(spec: dict) -> tuple[dict, dict]:
         """Ours and the reference in alternation, `--repeats` times; medians of rate and peak memory."""
-        runs = benchlib.alternate({side: lambda side=side: run_child({**spec, "side": side}, env)
-                                   for side in ("ours", "reference")}, args.repeats)
-        return tuple(benchlib.median_fields(runs[side], ("rate", "peak_mb")) for side in ("ours", "reference"))
+        medians = benchlib.alternate_children(
+            lambda side: [__file__, "--child", json.dumps({**spec, "side": side})], args.repeats, env)
+        return medians["ours"], medians["reference"]
 
     for name in EXTRACTORS:
         if args.only and name not in args.only:
@@ -343,27 +351,17 @@ def main() -> int:
             continue
         features_file = str(features_dir / f"{features}.npz")
         if not Path(features_file).exists():
-            run_child({**common, "task": "prepare", "side": "ours", "name": features, "features": features,
-                       "features_file": features_file}, env)
+            benchlib.run_child([__file__, "--child", json.dumps(
+                {**common, "task": "prepare", "side": "ours", "name": features, "features": features,
+                 "features_file": features_file})], env)
         ours, ref = alternate({**common, "task": "match", "name": matcher, "features": features,
                                "matcher_conf": matcher_conf, "features_file": features_file})
         rows.append((f"{matcher} (match)", f"on {features}", "pairs/s", ours, ref))
 
-    header = ["backend", "setting", "unit", "ours", "reference", "ratio", "ours MB", "ref MB", "mem ratio"]
-    formats = {"ours": "{:.3f}", "reference": "{:.3f}", "ratio": "{:.2f}", "ours MB": "{:.0f}", "ref MB": "{:.0f}",
-               "mem ratio": "{:.2f}"}
-    lines = []
-    for label, setting, unit, ours, ref in rows:
-        missing = "none installable"  # printed in place of the reference's figures when there is none
-        lines.append({"backend": label, "setting": setting, "unit": unit, "ours": ours["rate"],
-                      "reference": ref["rate"] if ref else missing,
-                      "ratio": ours["rate"] / ref["rate"] if ref else None, "ours MB": ours["peak_mb"],
-                      "ref MB": ref["peak_mb"] if ref else missing,
-                      "mem ratio": ours["peak_mb"] / ref["peak_mb"] if ref else None})
     print(f"CPU, {args.threads} threads, {len(images)} images from {args.images}, medians of {args.repeats} "
           f"alternating runs, "
           f"{'weights from ' + str(args.weights_dir) if args.weights_dir else 'random weights'}")
-    print(benchlib.table(lines, header, markdown=args.markdown, formats=formats))
+    print(benchlib.comparison_table(rows, markdown=args.markdown))
     return 0
 
 

@@ -14,10 +14,14 @@ recon itself never imports it.
   high-water mark, VmHWM), of a child process (a measurement alone in a fresh process, inheriting no caches;
   the child reports its own peak with `emit_result`), and over a window of this process (sampled every 10 ms,
   for a peak above a baseline). tracemalloc would not see torch's allocations.
+- `alternate_children(argv, repeat)` and `comparison_table(rows)`: recon against a reference implementation, each
+  measurement in a fresh process, the two sides taking turns; the table of rates, peak memory and both ratios
+  (ours/reference) that bench_features and bench_dense print.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -164,3 +168,47 @@ def run_child(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tupl
         raise RuntimeError(f"{' '.join(argv[:3])} … failed (exit {process.returncode}):\n{process.stderr[-2000:]}")
     answer = json.loads(lines[-1][len(RESULT_PREFIX):])
     return answer["result"], answer["peak_mb"]
+
+
+# --- ours against a reference --------------------------------------------------------------------------------------
+
+SIDES = ("ours", "reference")
+
+
+def measure_child(argv: Sequence[str], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`run_child` with the child's peak memory folded into its result as `peak_mb` ({} stays {}: nothing measured,
+    e.g. a side with no installable implementation)."""
+    result, peak_mb = run_child(argv, env)
+    return {**result, "peak_mb": peak_mb} if result else {}
+
+
+def alternate_children(argv: Callable[[str], Sequence[str]], repeat: int, env: Mapping[str, str] | None = None,
+                       keys: Sequence[str] = ("rate", "peak_mb"), sides: Sequence[str] = SIDES
+                       ) -> dict[str, dict[str, Any]]:
+    """Each side's measurement (`argv(side)`, see `measure_child`) in a fresh process, the sides taking turns
+    `repeat` times with the order flipped every other round; per side the first result with the medians of `keys`."""
+    runs = alternate({side: functools.partial(measure_child, argv(side), env) for side in sides}, repeat, flip=True)
+    return {side: median_fields(runs[side], keys) for side in sides}
+
+
+COMPARISON_COLUMNS = ("backend", "setting", "unit", "ours", "reference", "ratio", "ours MB", "ref MB", "mem ratio")
+COMPARISON_FORMATS = {"ours": "{:.3f}", "reference": "{:.3f}", "ratio": "{:.2f}", "ours MB": "{:.0f}",
+                      "ref MB": "{:.0f}", "mem ratio": "{:.2f}"}
+
+
+def comparison_table(rows: Sequence[tuple[str, str, str, Mapping[str, Any], Mapping[str, Any]]],
+                     markdown: bool = False, extra: Sequence[str] = ()) -> str:
+    """(label, setting, unit, ours, reference) rows, each side a result with `rate` (higher is better) and `peak_mb`
+    → the table with ratio = ours/reference rate (target >= 1) and mem ratio = ours/reference peak (target <= 1).
+    A reference result that is empty prints "none installable"; `extra` keys are shown as "ours/ref" pairs."""
+    lines = []
+    for label, setting, unit, ours, ref in rows:
+        missing = "none installable"
+        line = {"backend": label, "setting": setting, "unit": unit, "ours": ours["rate"],
+                "reference": ref["rate"] if ref else missing, "ratio": ours["rate"] / ref["rate"] if ref else None,
+                "ours MB": ours["peak_mb"], "ref MB": ref["peak_mb"] if ref else missing,
+                "mem ratio": ours["peak_mb"] / ref["peak_mb"] if ref else None}
+        for key in extra:
+            line[key] = f"{cell(ours.get(key))}/{cell(ref.get(key)) if ref else '-'}"
+        lines.append(line)
+    return table(lines, [*COMPARISON_COLUMNS, *extra], markdown=markdown, formats=COMPARISON_FORMATS)

@@ -1,22 +1,19 @@
 """RoMa v2 offline: parity with romav2's own model (same random weights), the DINOv3 key map, strict loading, and
 end-to-end runs through the dense stage in both keypoint modes.
 
-romav2's constructor downloads its checkpoint and Meta's DINOv3 code; the reference here is built by that very
-constructor with two test-only patches: `torch.hub.load` returns Meta's `dinov3_vitl16` architecture assembled from
+romav2's constructor downloads its checkpoint and Meta's DINOv3 code; the reference here
+(recon.references.official_romav2, shared with scripts/bench_dense.py) is built by that very constructor with two
+patches: `torch.hub.load` returns Meta's `dinov3_vitl16` architecture assembled from
 Meta's own layers as vendored in `romav2.vit` (block, attention with masked key bias, RoPE, patch embedding) with the
 token handling of facebookresearch/dinov3 `DinoVisionTransformer.get_intermediate_layers` (commit adc2544, the one
 romav2 pins), and the checkpoint download is replaced by loading the random state dict strictly afterwards. With
 RECON_DINOV3_REPO naming a checkout of facebookresearch/dinov3 at that commit, the hub load runs Meta's real code
 from it instead (checked once here, 2026-11-29: strict load of the same checkpoint, warp and overlap bit-identical
-to the glue below and to recon's backend).
+to that glue and to recon's backend).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from functools import partial
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -28,90 +25,17 @@ pytest.importorskip("romav2")
 pytest.importorskip("timm")
 
 from feature_backends.errors import WeightsError  # noqa: E402
-from feature_backends.roma import random_state_dict  # noqa: E402
+from recon.references import no_random_init, official_romav2, random_romav2_checkpoint  # noqa: E402
 
 COARSE, FINE = 64, 96  # romav2's precise setting is 800 / 1280; tiny sizes keep a pair well under a second
 SMALL = {"setting": "precise", "coarse_res": COARSE, "upsample_res": FINE}
 
 
-class MetaDINOv3(nn.Module):
-    """facebookresearch/dinov3 `dinov3_vitl16` (hub configuration at adc2544) from Meta's layers in romav2.vit."""
-
-    def __init__(self, depth: int = 24, dim: int = 1024, heads: int = 16, storage: int = 4):
-        from romav2.vit.block import SelfAttentionBlock
-        from romav2.vit.ffn_layers import Mlp
-        from romav2.vit.patch_embed import PatchEmbed
-        from romav2.vit.rope import RopePositionEmbedding
-
-        super().__init__()
-        self.n_storage_tokens = storage
-        self.patch_embed = PatchEmbed(img_size=224, patch_size=16, in_chans=3, embed_dim=dim, flatten_embedding=False)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.storage_tokens = nn.Parameter(torch.zeros(1, storage, dim))
-        self.rope_embed = RopePositionEmbedding(dim, num_heads=heads, base=100.0, normalize_coords="separate",
-                                                rescale_coords=2, dtype=torch.float32)
-        norm = partial(nn.LayerNorm, eps=1e-5)  # "layernormbf16"
-        self.blocks = nn.ModuleList(SelfAttentionBlock(
-            dim=dim, num_heads=heads, ffn_ratio=4, qkv_bias=True, proj_bias=True, ffn_bias=True, norm_layer=norm,
-            act_layer=nn.GELU, ffn_layer=Mlp, init_values=1e-5, mask_k_bias=True) for _ in range(depth))
-        self.norm = norm(dim)
-        self.head = nn.Identity()
-        self.mask_token = nn.Parameter(torch.zeros(1, dim))
-
-    def get_intermediate_layers(self, x: torch.Tensor, *, n) -> tuple[torch.Tensor, ...]:
-        x = self.patch_embed(x)
-        batch, height, width, _ = x.shape
-        cls = self.cls_token + 0 * self.mask_token
-        x = torch.cat([cls.expand(batch, -1, -1), self.storage_tokens.expand(batch, -1, -1), x.flatten(1, 2)], 1)
-        outputs = []
-        for index, block in enumerate(self.blocks):  # every block runs, as in Meta's code
-            x = block(x, self.rope_embed(H=height, W=width))
-            if index in n:
-                outputs.append(x)
-        return tuple(self.norm(out)[:, self.n_storage_tokens + 1:] for out in outputs)
-
-
-def hub_dinov3() -> nn.Module:
-    """What romav2's `torch.hub.load("facebookresearch/dinov3:…", "dinov3_vitl16", pretrained=False)` returns."""
-    repo = os.environ.get("RECON_DINOV3_REPO")
-    if repo:
-        return torch.hub.load(repo, "dinov3_vitl16", source="local", pretrained=False, weights=None)
-    return MetaDINOv3()
-
-
-@contextlib.contextmanager
-def no_random_init():
-    """Skip random initialisation while building (every weight is loaded afterwards): seconds per model."""
-    with contextlib.ExitStack() as stack:
-        for name in ("kaiming_uniform_", "uniform_", "normal_", "trunc_normal_", "zeros_", "ones_", "constant_"):
-            stack.enter_context(mock.patch(f"torch.nn.init.{name}", lambda tensor, *a, **k: tensor))
-        yield
-
-
 @pytest.fixture(scope="module")
 def reference():
-    """romav2's RoMaV2 built by its own constructor (hub code and download patched out) and its random checkpoint."""
-    from romav2 import RoMaV2
-    from romav2.features import Descriptor
-    from romav2.matcher import Matcher
-
-    # float32 everywhere a configuration allows it, as recon on CPU (the DPT head and refiners keep romav2's
-    # hard-coded bfloat16 autocast on both sides).
-    cfg = RoMaV2.Cfg(descriptor=Descriptor.Cfg(enable_amp=False), matcher=Matcher.Cfg(enable_amp=False))
-    with no_random_init():
-        dinov3 = hub_dinov3()
-    with no_random_init(), mock.patch("torch.hub.load", return_value=dinov3) as hub_load, \
-            mock.patch("torch.hub.load_state_dict_from_url", return_value={}), \
-            mock.patch.object(RoMaV2, "load_state_dict"):
-        model = RoMaV2(cfg)
-    assert hub_load.call_args.kwargs["model"] == "dinov3_vitl16" and hub_load.call_args.kwargs["pretrained"] is False
-    checkpoint = random_state_dict(model, seed=5)
-    dim = 1024
-    for key in checkpoint:
-        if key.endswith("attn.qkv.bias_mask"):  # Meta's init: q and v biases on, key bias masked
-            checkpoint[key] = torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)])
-        elif key.endswith("rope_embed.periods") or key in ("matcher.temp", "matcher.scale"):
-            checkpoint[key] = model.state_dict()[key].clone()
+    """romav2's own model and the random checkpoint loaded into it."""
+    model = official_romav2()
+    checkpoint = random_romav2_checkpoint(model)
     nn.Module.load_state_dict(model, checkpoint)  # strict: the checkpoint has the official layout
     return model.eval(), checkpoint
 

@@ -128,3 +128,25 @@ def test_peak_sampler_sees_a_short_allocation():
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=SCRIPTS, capture_output=True, text=True, check=True)
     assert int(out.stdout.split()[-1]) > 150 << 20
+
+
+def test_ours_against_a_reference_in_alternating_children(scripts, tmp_path):
+    """Each side in its own process, turns flipped, medians per side with the child's peak memory; the comparison
+    table's ratios, and a side with nothing measured printed as having no installable reference."""
+    bench = scripts["benchlib"]
+    log = tmp_path / "order.txt"
+    child = tmp_path / "side.py"
+    child.write_text(f"import sys; sys.path.insert(0, {str(SCRIPTS)!r}); import benchlib\n"
+                     f"open({str(log)!r}, 'a').write(sys.argv[1] + ' ')\n"
+                     "rate = {'ours': 4.0, 'reference': 2.0}[sys.argv[1]] + len(open(" + repr(str(log)) +
+                     ").read().split()) / 100\n"
+                     "benchlib.emit_result({'rate': rate, 'size': 7})\n")
+    medians = bench.alternate_children(lambda side: [str(child), side], 3)
+    assert log.read_text().split() == ["ours", "reference", "reference", "ours", "ours", "reference"]
+    assert medians["ours"]["rate"] == pytest.approx(4.04) and medians["reference"]["rate"] == pytest.approx(2.03)
+    assert medians["ours"]["size"] == 7 and 5 < medians["ours"]["peak_mb"] < 200
+    rows = [("a", "s", "img/s", {"rate": 3.0, "peak_mb": 100.0, "n": 5}, {"rate": 2.0, "peak_mb": 400.0, "n": 6}),
+            ("b", "s", "img/s", {"rate": 1.0, "peak_mb": 50.0}, {})]
+    lines = bench.comparison_table(rows, markdown=True, extra=("n",)).splitlines()
+    assert lines[2] == "| a | s | img/s | 3.000 | 2.000 | 1.50 | 100 | 400 | 0.25 | 5/6 |"
+    assert lines[3] == "| b | s | img/s | 1.000 | none installable | - | 50 | none installable | - | -/- |"

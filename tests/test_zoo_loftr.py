@@ -2,7 +2,7 @@
 random weights, the dense stage's quantised mode end to end, the refusal of anchored mode, and IMD's answer.
 
 Random LoFTR weights collapse (the FPN output of a random ResNet shares one large component at every cell, so the
-dual-softmax finds 0-3 matches on any pair). `informative_state_dict` keeps the random weights but projects that
+dual-softmax finds 0-3 matches on any pair). `recon.references.informative_loftr_state` keeps the random weights but projects that
 component out of the last coarse and fine convolutions and damps the transformers' residual messages, so a random
 network matches translated crops correctly (about 70 % of its matches within 2 px of the true shift): the tests
 can then count real matches instead of empty ones.
@@ -19,7 +19,7 @@ pytest.importorskip("kornia")
 
 from feature_backends import registry  # noqa: E402
 from feature_backends.errors import ConfigError, WeightsError  # noqa: E402
-from feature_backends.roma import random_state_dict  # noqa: E402
+from recon.references import informative_loftr_state  # noqa: E402
 
 SHIFT = (24, 16)  # crop b starts here in the canvas (a whole number of LoFTR's 8-px cells)
 OFFSETS = {"a.png": (0, 0), "b.png": SHIFT, "c.png": (40, 8)}
@@ -45,31 +45,6 @@ def rgb(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()
 
 
-def informative_state_dict(network, image: torch.Tensor, seed: int = 0, gain: float = 10.0, damp: float = 0.1):
-    """Random weights in `network`'s layout that match (module docstring); `image` calibrates the projection."""
-    state = random_state_dict(network, seed=seed)
-    network.load_state_dict(state)
-    network.eval()
-    inputs = {}
-    convs = {"backbone.layer3_outconv.weight": network.backbone.layer3_outconv,
-             "backbone.layer1_outconv2.3.weight": network.backbone.layer1_outconv2[3]}
-    hooks = [conv.register_forward_hook(lambda m, i, o, key=key: inputs.__setitem__(key, i[0]))
-             for key, conv in convs.items()]
-    with torch.no_grad():
-        network.backbone(image)
-    for hook in hooks:
-        hook.remove()
-    for key, features in inputs.items():
-        common = torch.nn.functional.normalize(features.mean(dim=(0, 2, 3)), dim=0)
-        weight = state[key]
-        along = torch.einsum("oikl,i->okl", weight, common)[:, None] * common[None, :, None, None]
-        state[key] = (weight - along) * gain
-    for key in state:
-        if ".norm2." in key:  # each layer adds norm2(...): scaling it damps the message
-            state[key] = state[key] * damp
-    return state
-
-
 def lightning(state: dict, prefix: str) -> dict:
     return {"state_dict": {prefix + k: v.clone() for k, v in state.items()}, "epoch": 30, "global_step": 1}
 
@@ -81,7 +56,7 @@ def loftr_state(canvas):
     from feature_backends.loftr import kornia_loftr_config
 
     network = LoFTR(pretrained=None, config=kornia_loftr_config(False, 0.2))
-    return informative_state_dict(network, gray(crop(canvas, (0, 0))))
+    return informative_loftr_state(network, gray(crop(canvas, (0, 0))))
 
 
 def shift_error(points0: np.ndarray, points1: np.ndarray, shift) -> np.ndarray:
@@ -232,7 +207,7 @@ def gim_layout() -> dict[str, tuple[int, ...]]:
 def gim_state(canvas):
     from feature_backends.gim_loftr import gim_loftr_network
 
-    return informative_state_dict(gim_loftr_network(), rgb(crop(canvas, (0, 0))), seed=3)
+    return informative_loftr_state(gim_loftr_network(), rgb(crop(canvas, (0, 0))), seed=3)
 
 
 def test_gim_loftr_has_gims_layout_and_loads_its_lightning_checkpoint_strictly(gim_state):
@@ -326,7 +301,7 @@ def test_recon_run_with_loftr_goes_through_the_dense_stage_to_mapping(tmp_path, 
     images = scene / "images"
     names = sorted(p.name for p in images.iterdir())
     network = LoFTR(pretrained=None, config=kornia_loftr_config(False, 0.2))
-    state = informative_state_dict(network, gray(read_image(images / names[0])))
+    state = informative_loftr_state(network, gray(read_image(images / names[0])))
     (tmp_path / "weights").mkdir()
     torch.save(lightning(state, "matcher."), tmp_path / "weights" / "loftr_outdoor.ckpt")
     monkeypatch.setenv("RECON_WEIGHTS_DIR", str(tmp_path / "weights"))
