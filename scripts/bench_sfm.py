@@ -281,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="add a recon row per geometric verifier (method 'recon/<verifier>')")
     parser.add_argument("--verbose", action="store_true", help="keep COLMAP's INFO log on stderr")
     parser.add_argument("--engines", nargs="*", default=[], choices=["incremental", "global", "hierarchical", "auto"],
-                        help="also run recon with each of these mappers (rows 'recon[ENGINE]'; 'recon' is the default, "
-                             "auto)")
+                        help="also run recon with each of these mappers (rows 'recon[ENGINE]'; 'recon' is recon's default, "
+                             "incremental)")
     args = parser.parse_args(argv)
 
     camera_mode = getattr(pycolmap.CameraMode, args.colmap_camera_mode.upper())
