@@ -16,6 +16,7 @@ differ: on fountain_p11 pairs 99.998 % of matches0 entries were identical to flo
 Measured on this machine's CPU (AMX, 8192x8000 descriptors, idle): product float32 156 ms, bfloat16 77 ms,
 float16 70 ms; top-k over the result 73 / 66 / 86 ms. The reduced-precision search keeps the best three candidates,
 which the exact rescoring reduces to the best two.
+On an x86 CPU without such units (AMX, AVX512-BF16) float32 is used without probing (`_has_reduced_precision_units`).
 
 Steerable descriptors (DeDoDe C4/SO2, chosen from features.h5) are matched on the maximum similarity over the
 steered descriptors of image 0 (feature_backends.base.SteerableMatcher), which is one full matrix; the ratio and
@@ -25,6 +26,7 @@ mutual tests are then the same.
 from __future__ import annotations
 
 import functools
+import platform
 import time
 
 import numpy as np
@@ -227,13 +229,27 @@ def similarity_dtype(device: torch.device, num_elements: int) -> torch.dtype:
     return fastest_similarity_dtype(device)
 
 
+def _has_reduced_precision_units() -> bool:
+    """Whether an x86 CPU has bfloat16/float16 matrix units (AMX, AVX512-BF16); other CPUs are probed.
+
+    Without them torch's CPU products in reduced precision are emulated and slower than float32 (measured on this
+    VM's AVX-512 Xeon without either: 2.4k x 2.4k product 4.9 ms float32, 24 ms bfloat16), so the probe, which cost
+    2.6-4.2 s per process here (the first reduced-precision products build their kernels), can only return float32.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    cpu = torch.cpu
+    checks = ("_is_amx_tile_supported", "_is_amx_fp16_supported", "_is_avx512_bf16_supported")
+    return any(getattr(cpu, name, lambda: True)() for name in checks)
+
+
 @functools.lru_cache(maxsize=None)
 def fastest_similarity_dtype(device: torch.device) -> torch.dtype:
     """float16 on CUDA; on CPU the fastest of float32 / bfloat16 / float16 for a product plus top-k search
     at the sizes where it is used (probed once per process, ~1 s), keeping float32 unless another is at least 25 % faster."""
     if device.type == "cuda":
         return torch.float16
-    if device.type != "cpu":
+    if device.type != "cpu" or not _has_reduced_precision_units():
         return torch.float32
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(4096, 128, generator=generator), torch.randn(4096, 128, generator=generator)

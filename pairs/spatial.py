@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from feature_backends.errors import InputError
+from feature_backends.images import header_exif
 
 from .io import deduplicate
 
@@ -47,7 +48,7 @@ def read_gps(path: str | Path) -> tuple[float, float, float | None] | None:
     """(latitude, longitude, altitude or None) in degrees and metres from EXIF, or None when absent/invalid."""
     try:
         with Image.open(path) as image:
-            gps = image.getexif().get_ifd(GPS_IFD)
+            gps = header_exif(image).get_ifd(GPS_IFD)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
         return None
     if _LAT not in gps or _LON not in gps:

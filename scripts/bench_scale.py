@@ -52,7 +52,8 @@ def run_stage(args: list[str], log: Path) -> tuple[float, float]:
         _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"stage {args[:4]} failed; see {log}")
+        shown = " ".join(arg if len(arg) < 80 else "<script>" for arg in args[:5])
+        raise RuntimeError(f"stage '{shown}' failed (exit {os.waitstatus_to_exitcode(status)}); see {log}")
     return seconds, usage.ru_maxrss / 1024.0
 
 

@@ -154,7 +154,7 @@ def verified_pairs(database: Path) -> int | None:
 
 
 def run_recon(image_dir: Path, names: list[str], work: Path, max_size: int | None,
-              verifier: str = "colmap", mapper: str | None = None) -> tuple[Path | None, dict, dict]:
+              verifier: str | None = None, mapper: str | None = None) -> tuple[Path | None, dict, dict]:
     """`recon run` at its defaults (or with another geometric verifier or mapper), minus the exports (they come
     after the model and COLMAP has none)."""
     from recon.export import ExportOptions  # imported lazily: the COLMAP half works without recon
@@ -162,7 +162,8 @@ def run_recon(image_dir: Path, names: list[str], work: Path, max_size: int | Non
     from recon.pipeline import RunConfig, run
     from recon.sfm import SfMOptions
 
-    sfm = SfMOptions(verifier=verifier) if mapper is None else SfMOptions(verifier=verifier, mapper=mapper)
+    # None: recon's default (a fixed verifier here once kept the benchmark on COLMAP's after the default changed)
+    sfm = SfMOptions(**{key: value for key, value in (("verifier", verifier), ("mapper", mapper)) if value})
     config = RunConfig(extract=ExtractOptions(resize_max=max_size), export=ExportOptions(formats=()),
                        image_list=names, sfm=sfm)
     result = run(image_dir, work, config)
@@ -280,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="add a recon row per geometric verifier (method 'recon/<verifier>')")
     parser.add_argument("--verbose", action="store_true", help="keep COLMAP's INFO log on stderr")
     parser.add_argument("--engines", nargs="*", default=[], choices=["incremental", "global", "hierarchical", "auto"],
-                        help="also run recon with each of these mappers (rows 'recon[ENGINE]'; 'recon' is the default, "
-                             "auto)")
+                        help="also run recon with each of these mappers (rows 'recon[ENGINE]'; 'recon' is recon's default, "
+                             "incremental)")
     args = parser.parse_args(argv)
 
     camera_mode = getattr(pycolmap.CameraMode, args.colmap_camera_mode.upper())

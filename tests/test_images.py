@@ -85,3 +85,35 @@ def test_resize_keeps_aspect_and_reports_scale():
     resized, (sx, sy) = resize_image(image, 1000, multiple=14)
     assert resized.shape == (476, 630, 3)  # not upscaled, floored to multiples of 14
     assert resize_image(image, 1000)[0] is image
+
+
+def test_header_exif_reads_png_exif_without_decoding(tmp_path, monkeypatch):
+    """No eXIf chunk: empty EXIF and the pixels stay undecoded; eXIf before or after the pixel data: read."""
+    import zlib
+
+    from PIL import Image
+
+    from feature_backends.images import header_exif
+
+    from PIL import ImageFile
+
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (64, 48)).save(plain)
+    with monkeypatch.context() as patch, Image.open(plain) as image:
+        patch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded the pixels"))
+        assert len(header_exif(image)) == 0
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation
+    before = tmp_path / "before.png"
+    Image.new("RGB", (64, 48)).save(before, exif=exif)
+    data = before.read_bytes()  # move the eXIf chunk behind the image data (allowed by older writers)
+    start = data.index(b"eXIf") - 4
+    chunk = data[start:start + 12 + int.from_bytes(data[start:start + 4], "big")]
+    rest = data[:start] + data[start + len(chunk):]
+    end = rest.index(b"IEND") - 4
+    after = tmp_path / "after.png"
+    after.write_bytes(rest[:end] + chunk + rest[end:])
+    assert zlib.crc32(chunk[4:-4]) == int.from_bytes(chunk[-4:], "big")
+    for path in (before, after):
+        with Image.open(path) as image:
+            assert header_exif(image)[0x0112] == 6

@@ -185,3 +185,27 @@ def test_pairs_naming_unknown_image_is_a_clear_error(synthetic_scene, synthetic_
     write_pairs(tmp_path / "pairs.txt", [("camera000001_frame000000.png", "nope.png")])
     code = main(["match", str(tmp_path / "pairs.txt"), str(out / "features.h5"), str(tmp_path / "m.h5")])
     assert code == 2 and "nope.png" in capsys.readouterr().err
+
+
+def test_no_precision_probe_without_reduced_precision_units(monkeypatch):
+    """An x86 CPU without AMX / AVX512-BF16 gets float32 at once: the probe (2.6-4.2 s per process on this VM)
+    could only choose it. With such units (or on another architecture) the probe runs."""
+    import platform
+
+    import torch
+
+    from feature_backends import nearest_neighbor
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for name in ("_is_amx_tile_supported", "_is_amx_fp16_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(torch, "randn", no_probe)
+    assert nearest_neighbor.fastest_similarity_dtype.__wrapped__(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert nearest_neighbor._has_reduced_precision_units()
+    with pytest.raises(AssertionError, match="probed"):
+        nearest_neighbor.fastest_similarity_dtype.__wrapped__(torch.device("cpu"))

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from feature_backends.errors import InputError
+from feature_backends.images import header_exif
 from feature_backends.store import FeatureReader, MatchReader
 from pairs.io import check_names, deduplicate
 
@@ -48,7 +49,7 @@ def exif_focal_pixels(path: str | Path, width: int, height: int) -> float | None
     """
     try:
         with Image.open(path) as image:
-            exif = image.getexif()
+            exif = header_exif(image)
             ifd = exif.get_ifd(_EXIF_IFD) if exif else {}
             original_width = max(image.size)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
