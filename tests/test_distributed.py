@@ -38,11 +38,16 @@ def datasets(path: Path) -> dict:
     return out
 
 
-def assert_same(path: Path, reference: Path) -> None:
+def assert_same(path: Path, reference: Path, float_tolerance: float = 0.0) -> None:
+    """Same datasets and attributes; float arrays equal, or within `float_tolerance` where a network's sums run
+    on another thread count (a one-thread Ray worker against a two-thread driver reassociates the convolutions)."""
     got, expected = datasets(path), datasets(reference)
     assert sorted(got) == sorted(expected)
     for key in expected:
-        assert np.array_equal(got[key], expected[key]), key
+        if float_tolerance and np.asarray(expected[key]).dtype.kind == "f":
+            np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=float_tolerance, err_msg=key)
+        else:
+            assert np.array_equal(got[key], expected[key]), key
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +201,8 @@ def test_retrieval_descriptors_on_ray_equal_local(cluster, synthetic_scene, tmp_
     extract_global_descriptors(images, tmp_path / "local.h5", backend, conf)
     extract_global_descriptors(images, tmp_path / "ray.h5", backend, conf,
                                executor=ray_options(cluster, images_per_task=3))
-    assert_same(tmp_path / "ray.h5", tmp_path / "local.h5")
+    # VLAD (numpy) is bit-identical; CosPlace's ResNet differs by float rounding with the thread count (1e-8 seen)
+    assert_same(tmp_path / "ray.h5", tmp_path / "local.h5", float_tolerance=1e-6 if backend == "cosplace" else 0.0)
     got = datasets(tmp_path / "ray.h5")
     assert len(got) == 13  # 12 descriptors and the record
     assert {value.shape for key, value in got.items() if key != "@conf"} == {(8192 if backend == "vlad" else 512,)}

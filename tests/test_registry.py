@@ -113,13 +113,13 @@ def _cosplace_resnet18():
 def _loftr(temp_bug_fix: bool):
     def make():
         from kornia.feature import LoFTR
-        from test_zoo_loftr import informative_state_dict  # plain random LoFTR weights match (almost) nothing
+        from recon.references import informative_loftr_state  # plain random LoFTR weights match (almost) nothing
 
         from feature_backends.loftr import kornia_loftr_config
 
         network = LoFTR(pretrained=None, config=kornia_loftr_config(temp_bug_fix, 0.2))
         texture = torch.from_numpy(np.random.default_rng(0).random((1, 1, HEIGHT, WIDTH), np.float32))
-        state = informative_state_dict(network, texture)
+        state = informative_loftr_state(network, texture)
         return {"state_dict": {f"matcher.{k}": v for k, v in state.items()}}  # Lightning layout
     return make
 
