@@ -37,7 +37,7 @@ def normalized(rng, n, d=32):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
 @pytest.mark.parametrize("block", [1 << 26, 7 * 50, 1])  # one block, row chunks of 7, chunks of 2
 def test_mnn_equals_reference(block, dtype):
     import torch
@@ -52,6 +52,24 @@ def test_mnn_equals_reference(block, dtype):
     np.testing.assert_array_equal(matches.numpy(), expected)
     assert (matches[:30].numpy() == np.arange(30)).all()  # the perturbed copies find their originals
     assert ((scores.numpy() > 0) == (expected >= 0)).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int32"])
+@pytest.mark.parametrize("width, num_columns, k", [(256, 256, 2), (256, 201, 3), (512, 3, 3), (96, 90, 2)])
+def test_row_top_equals_topk(dtype, width, num_columns, k):
+    """The grouped top-k search returns what torch's top-k over the unpadded columns returns: same values, same
+    columns (distinct values, so no ties), padding never chosen; rows whose best entries share a group included."""
+    import torch
+
+    from feature_backends.nearest_neighbor import _row_top
+
+    generator = torch.Generator().manual_seed(width + num_columns + k)
+    scores = torch.randperm(300 * width, generator=generator).reshape(300, width).to(getattr(torch, dtype)) - 1000
+    scores[:5, 64:67] = 10 ** 6 + torch.arange(3).to(scores.dtype)  # three best in one group
+    expected = scores[:, :num_columns].topk(k, dim=1)
+    values, columns = _row_top(scores.clone(), k, num_columns)
+    assert torch.equal(values, expected.values) and torch.equal(columns, expected.indices)
+    assert int(columns.max()) < num_columns
 
 
 @pytest.mark.parametrize("ratio, max_distance, expected_matches", [
@@ -187,25 +205,26 @@ def test_pairs_naming_unknown_image_is_a_clear_error(synthetic_scene, synthetic_
     assert code == 2 and "nope.png" in capsys.readouterr().err
 
 
-def test_no_precision_probe_without_reduced_precision_units(monkeypatch):
-    """An x86 CPU without AMX / AVX512-BF16 gets float32 at once: the probe (2.6-4.2 s per process on this VM)
-    could only choose it. With such units (or on another architecture) the probe runs."""
+def test_cpu_precision_is_fixed_by_the_cpu_on_x86(monkeypatch):
+    """On x86 the similarity precision follows the CPU, without timing anything (a timed choice could flip under
+    load and change a resumed run's matches): int8 with VNNI units, else float32. Other CPUs are probed."""
     import platform
 
     import torch
 
     from feature_backends import nearest_neighbor
 
-    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-    for name in ("_is_amx_tile_supported", "_is_amx_fp16_supported", "_is_avx512_bf16_supported"):
-        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
-
     def no_probe(*args, **kwargs):
         raise AssertionError("probed")
 
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch, "randn", no_probe)
+    for name in ("_is_amx_tile_supported", "_is_amx_fp16_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False, raising=False)
     assert nearest_neighbor.fastest_similarity_dtype.__wrapped__(torch.device("cpu")) == torch.float32
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    assert nearest_neighbor._has_reduced_precision_units()
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True, raising=False)
+    assert nearest_neighbor.fastest_similarity_dtype.__wrapped__(torch.device("cpu")) == torch.int8
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     with pytest.raises(AssertionError, match="probed"):
         nearest_neighbor.fastest_similarity_dtype.__wrapped__(torch.device("cpu"))
