@@ -301,6 +301,13 @@ class LocalFeatures(Backend):
     #: U-Net is slower in it, 7.7 → 9.1 s, so it is opt-in per backend).
     channels_last: ClassVar[bool] = False
 
+    def parallel_images(self) -> int:
+        """How many images the extract stage may give `extract` at once on threads (recon.extract). Above one,
+        `extract` must run native code that releases the GIL and be safe to call from several threads (OpenCV's
+        SIFT); the stage then turns OpenCV's own threading off. Networks keep one image at a time: torch already
+        uses every core inside one image."""
+        return 1
+
     def prepare_network(self, network: torch.nn.Module, ordered_lists: tuple[torch.nn.Module, ...] = ()) -> torch.nn.Module:
         """eval(), BatchNorm folded into the preceding convolutions (every nn.Sequential, plus the given ModuleLists
         that the network applies in order), channels_last where it pays, moved to the device."""

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -340,3 +341,30 @@ def iter_images(
                 futures.append(pool.submit(load, names[index + prefetch]))
             yield name, futures[index].result()
             futures[index] = None  # release the decoded image
+
+
+def map_images(
+    function: Callable[[str, np.ndarray | ImageReadError], Any], image_dir: str | Path, names: Iterable[str],
+    grayscale: bool = False, workers: int = 2,
+) -> Iterator[Any]:
+    """`function(name, image)` for every image, decoded and processed on `workers` threads, yielded in order. At
+    most 2 x `workers` images are in flight, so memory stays flat whatever the number of images; a bad image is
+    passed as its ImageReadError, as `iter_images` does."""
+    image_dir = Path(image_dir)
+
+    def task(name: str) -> Any:
+        try:
+            image = read_image(image_dir / name, grayscale=grayscale)
+        except ImageReadError as error:
+            image = error
+        return function(name, image)
+
+    names = list(names)
+    ahead = 2 * workers
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(task, name) for name in names[:ahead]]
+        for index in range(len(names)):
+            if index + ahead < len(names):
+                futures.append(pool.submit(task, names[index + ahead]))
+            yield futures[index].result()
+            futures[index] = None

@@ -12,6 +12,7 @@ all of its keypoints (as COLMAP does). The dense stage samples no match on a mas
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from feature_backends import registry
 from feature_backends.errors import ImageReadError, InputError
-from feature_backends.images import describe_skipped, iter_images, list_images
+from feature_backends.images import describe_skipped, iter_images, list_images, map_images
 from feature_backends.store import FeatureWriter
 
 from .executor import ExecutorOptions, run_tasks
@@ -127,6 +128,20 @@ class ExtractWorker:
         return name, features, self.model.keypoint_uncertainty(width, height)
 
 
+@contextlib.contextmanager
+def _opencv_threads(count: int | None):
+    """OpenCV's thread count set to `count` (None: unchanged) while the block runs, then restored."""
+    if count is None:
+        yield
+        return
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(count)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
+
+
 def _chunks(names: Sequence[str], size: int) -> Iterator[list[str]]:
     for start in range(0, len(names), size):
         yield list(names[start:start + size])
@@ -166,18 +181,23 @@ def extract(
         todo = [n for n in names if n not in writer.names]
         if len(todo) < len(names):
             logger.info("Resuming: %d of %d images already in %s", len(names) - len(todo), len(names), export_path)
+        threads = 1 if distributed or len(todo) < 2 else worker.model.parallel_images()
         if distributed:
             chunks = run_tasks(executor, ExtractWorker, (options, device, image_dir, mask_dir),
                                _chunks(todo, executor.images_per_task))
             results = (item for chunk in chunks for item in chunk)
+        elif threads > 1:
+            results = map_images(worker.one, image_dir, todo, worker.model.conf.grayscale, workers=threads)
         else:
             images = iter_images(image_dir, todo, grayscale=worker.model.conf.grayscale)
             results = (worker.one(image_name, image) for image_name, image in images)
-        for image_name, features, uncertainty in tqdm(results, total=len(todo), desc=f"extract {name}", unit="img"):
-            if isinstance(features, str):
-                skipped.append({"file": image_name, "reason": features})
-                continue
-            writer.write(image_name, features, uncertainty=uncertainty)
+        with _opencv_threads(1 if threads > 1 else None):
+            for image_name, features, uncertainty in tqdm(results, total=len(todo), desc=f"extract {name}",
+                                                          unit="img"):
+                if isinstance(features, str):
+                    skipped.append({"file": image_name, "reason": features})
+                    continue
+                writer.write(image_name, features, uncertainty=uncertainty)
     if skipped:
         logger.warning("Skipped %d image(s) that cannot be decoded: %s", len(skipped), describe_skipped(skipped))
     return Path(export_path)
