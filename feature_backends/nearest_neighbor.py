@@ -7,16 +7,19 @@ exceed `max_block_elements`; no Python loop runs over keypoints. Descriptors are
 Speed: the matrix product and the top-k searches over it are the whole cost. With the mutual test, the column
 search runs only for the columns that are the nearest neighbour of a row passing its own tests, the only ones
 that can be in a match (same result; on temple_ring_full 9 % of the columns on average; 192 of its pairs, kernels
-warm: 9.2-10.6 -> 6.1 ms per pair). On CPU the operands are padded to shape buckets (`_operand`). For large
-products, where reduced
-precision is faster (float16 on CUDA; on CPU bfloat16/float16 when the probe finds them faster, e.g. with AMX),
-they run in it, and the best candidates of every row and column are then rescored exactly in float32, so the ratio
-and distance tests see exact values; only the ranking of near-ties (which the ratio test rejects anyway) can
-differ: on fountain_p11 pairs 99.998 % of matches0 entries were identical to float32.
-Measured on this machine's CPU (AMX, 8192x8000 descriptors, idle): product float32 156 ms, bfloat16 77 ms,
-float16 70 ms; top-k over the result 73 / 66 / 86 ms. The reduced-precision search keeps the best three candidates,
-which the exact rescoring reduces to the best two.
-On an x86 CPU without such units (AMX, AVX512-BF16) float32 is used without probing (`_has_reduced_precision_units`).
+warm: 9.2-10.6 -> 6.1 ms per pair). On CPU the operands are padded to shape buckets (`_operand`), and the top-k
+runs through the maxima of groups of 32 columns (`_row_top`: exact, 3.7 instead of 6.3 ms on a 2.4k x 2.4k
+product). For large products, where reduced precision is faster, they run in it: float16 on CUDA; on an x86 CPU
+with int8 dot-product units (VNNI: most Xeons since 2019, every CPU with AMX) int8, with each descriptor set
+scaled so its largest magnitude is 127 (a 2.4k x 2.4k x 128 product: 4.1 ms against 10.2 ms in float32 on this
+VM); other CPUs are probed for bfloat16/float16. The best three candidates of every row and column are then
+rescored exactly in float32, so the ratio and distance tests see exact values; only the ranking of near-ties
+(which the ratio test rejects anyway) can differ: in int8, all 1081 temple_ring_full pairs gave the float32
+matches exactly (113,079 matches, 0 entries differ); in bfloat16, 99.998 % of fountain_p11's matches0 entries.
+Per pair on 100 temple_ring_full pairs (same process, alternating, loaded VM): 12.3-18.4 ms before, 10.4-11.9 ms
+with both (float32 with the grouped top-k alone: 12.0 ms).
+Measured on an AMX CPU (8192x8000 descriptors, idle): product float32 156 ms, bfloat16 77 ms,
+float16 70 ms; top-k over the result 73 / 66 / 86 ms.
 
 Steerable descriptors (DeDoDe C4/SO2, chosen from features.h5) are matched on the maximum similarity over the
 steered descriptors of image 0 (feature_backends.base.SteerableMatcher), which is one full matrix; the ratio and
