@@ -156,7 +156,7 @@ def run_engine(engine: str, sections: dict[str, Any], database: Path, image_dir:
         elif engine == "global":
             models = _global_mapping(sections, database, image_dir, staging, calibrate)
         elif engine == "hierarchical":
-            models = pycolmap.hierarchical_mapping(database, image_dir, staging, sections["hierarchical"])
+            models = _hierarchical_mapping(sections["hierarchical"], database, image_dir, staging, num_images)
         else:
             raise ConfigError(f"unknown mapping engine '{engine}'; known: {', '.join(ENGINES)}")
     finally:
@@ -176,6 +176,18 @@ def _global_mapping(sections: dict[str, Any], database: Path, image_dir: Path, s
                     "succeeded" if calibrated else "failed (mapping with the guesses)")
     (staging / "models").mkdir()
     return pycolmap.global_mapping(database, image_dir, staging / "models", sections["global"])
+
+
+def _hierarchical_mapping(options: Any, database: Path, image_dir: Path, staging: Path,
+                          num_images: int) -> dict[int, pycolmap.Reconstruction]:
+    clustering = options.clustering_options
+    # COLMAP logs the clusters (sizes, each one's incremental mapping, the merge) to OUT/sfm/colmap.log.* only.
+    logger.info("Hierarchical mapping of %d images: %s (leaf_max_num_images %d, image_overlap %d), "
+                "cluster progress in colmap.log", num_images,
+                "one cluster, i.e. incremental mapping" if num_images <= clustering.leaf_max_num_images
+                else "clusters mapped in parallel and merged", clustering.leaf_max_num_images,
+                clustering.image_overlap)
+    return pycolmap.hierarchical_mapping(database, image_dir, staging, options)
 
 
 def write_models(models: list[pycolmap.Reconstruction], sparse_root: Path) -> Path:
