@@ -8,7 +8,13 @@ Engines (all pycolmap 4.2.1, none re-implemented here):
   matrices and upgrades the two-view geometries to calibrated ones, as its docstring asks for "when reliable
   intrinsics are unavailable". The calibration rewrites the database, so it runs on a copy.
 - `hierarchical`: `hierarchical_mapping`, which clusters the view graph (`SceneClusteringOptions`), maps the
-  clusters incrementally on `num_workers` workers and merges them.
+  clusters incrementally on `num_workers` workers and merges them. Up to `leaf_max_num_images` (500) images it
+  makes one cluster, i.e. it is the incremental mapper on all cores (N = 400: 176 s on 2 cores). Above, the
+  clusters overlap by `image_overlap` (50) views and are merged without a final global bundle adjustment (COLMAP's
+  pipeline has none): generated N = 1000 gave 3 clusters (539, 338, 323), mapped in 6.4 min on 2 cores, merged in
+  0.3 s. COLMAP logs each cluster to OUT/sfm/colmap.log.* only; recon logs the start. The minutes after the merge
+  that once looked like a hang were recon's principal-point step (recon.sfm.calibration, now limited to 500
+  images).
 `auto` (recon.sfm.auto) chooses among them.
 
 Options reach pycolmap's own option objects field by field, and `mapper_options` are checked against them in
