@@ -31,8 +31,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("incremental", "global", "hierarchical", "auto")
 
 _SFM = """
-import json, sys
+import json, logging, sys
 from pathlib import Path
+# recon's step lines (mapping, principal points, writing) with times in N/log.txt: a long step never looks hung
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 from recon.eval import evaluate
 from recon.sfm import SfMOptions, reconstruct
 out, images, work, engine = (Path(a) for a in sys.argv[1:5])

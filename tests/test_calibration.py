@@ -85,6 +85,22 @@ def test_cameras_with_few_images_are_not_touched():
     assert decisions == [] and refined is model
 
 
+def test_models_above_the_covariance_limit_keep_the_centre_unless_forced():
+    """Above `max_images` the covariance (dense in the poses: 97 s of a 600-view model) is not computed and the
+    mapper's model stands; `force` (--refine-principal-point always) still frees the principal point, without it."""
+    true_pp = np.array([WIDTH / 2 + 22.0, HEIGHT / 2 - 14.0])
+    model, _ = mapped_with_centred_principal_point(*true_pp)
+    refined, decisions = refine_principal_points(model, max_images=11)
+    assert decisions == [] and refined is model
+
+    forced, decisions = refine_principal_points(model, max_images=11, force=True)
+    assert [(d.kept, d.reason, d.num_images) for d in decisions] == [(True, "forced", 12)]
+    assert np.isnan(decisions[0].sigma_px)
+    assert np.abs(principal_point(forced) - true_pp).max() < 1.5
+    assert decisions[0].shift_px == pytest.approx(np.linalg.norm(principal_point(forced) - [WIDTH / 2, HEIGHT / 2]))
+    np.testing.assert_allclose(principal_point(model), [WIDTH / 2, HEIGHT / 2])
+
+
 @pytest.mark.shared_data
 def test_temple_ring_principal_point_is_rejected_and_full_ring_recovered(shared_data, tmp_path):
     """Middlebury's true principal point is (302.3, 246.9): the 47-view ring determines it, the 19-view subset

@@ -24,6 +24,24 @@ scripts/bench_sfm.py):
 generated demo scene (12 views, principal point exactly centred): the free estimate moves 3.0 px at sigma 2.4 px,
 not significant, kept at the centre (taking it cost 20 points of AUC@1).
 
+Scale: `max_images` (500). pycolmap's covariance builds a dense inverse factor of the Schur complement over every
+pose (6 parameters per image): its time and memory grow steeply with the registered images, and the step runs it
+twice around one global bundle adjustment. Measured on generated scenes (scripts/bench_scale.py, true principal
+point exactly centred, 2-core VM), after hierarchical mapping:
+
+| images | covariance before / after | BA, principal point free | whole step | mapping | AUC@1 mapper -> step |
+|--------|---------------------------|--------------------------|------------|---------|----------------------|
+| 400    | 11 / 9 s                  | 24 s                     | 39 s       | 176 s   | 87.7 (centre kept)   |
+| 600    | 37 / 42 s                 | 27 s                     | 97 s       | 100 s   | 84.9 -> 82.5         |
+| 1000   | 132 / > 90 s (stopped)    | 256 s                    | > 480 s    | 387 s   | 85.7 -> 80.5 (BA)    |
+
+Above a few hundred views the step costs as much as mapping and more (at 1000 it was the 5+ silent minutes after
+the last cluster that made `--mapper hierarchical` look hung; the process grew by 1.3 GB), and at these sizes
+the covariance makes the freed principal point's drift look significant: 1.2 px at sigma 0.22 px
+at 600 (refined, -2.4 AUC@1), 1.6 px at sigma 0.17 px at 1000, while the truth is the centre. So above
+`max_images` registered images the mapper's model stands and the log says so; `--refine-principal-point always`
+still frees the principal point there, with one bundle adjustment and no covariance.
+
 pycolmap provides the bundle adjuster and the covariance; only the acceptance rule is ours.
 """
 
@@ -51,7 +69,7 @@ class PrincipalPointDecision:
 def refine_principal_points(
     reconstruction: pycolmap.Reconstruction,
     min_images: int = 8,
-    max_images: int = 2000,
+    max_images: int = 500,
     max_sigma_fraction: float = 0.01,
     max_shift_fraction: float = 0.1,
     min_significance: float = 3.7,  # Mahalanobis distance of the shift; sqrt of chi²(2 dof) at 0.999
@@ -65,13 +83,23 @@ def refine_principal_points(
         camera_id = reconstruction.images[image_id].camera_id
         images_per_camera[camera_id] = images_per_camera.get(camera_id, 0) + 1
     eligible = {cid for cid, count in images_per_camera.items() if count >= min_images}
-    if len(images_per_camera) and sum(images_per_camera.values()) > max_images:
-        # The covariance inverts a dense pose block: beyond a few thousand images it costs more than mapping.
-        logger.info("principal points kept at the centre: %d images exceed the covariance limit of %d",
-                    sum(images_per_camera.values()), max_images)
-        return reconstruction, []
+    num_images = sum(images_per_camera.values())
     if not eligible:
         return reconstruction, []
+    if force:  # every estimate is kept: no covariance to decide with, so no size limit either
+        logger.info("Principal points: one bundle adjustment over %d registered images", num_images)
+        trial, _ = _free_principal_points(pycolmap.Reconstruction(reconstruction), eligible, solve=True,
+                                          covariance=False)
+        return trial, _log([PrincipalPointDecision(
+            cid, images_per_camera[cid], float(np.linalg.norm(_principal_point(trial.cameras[cid])
+                                                              - _principal_point(reconstruction.cameras[cid]))),
+            float("nan"), True, "forced") for cid in sorted(eligible)])
+    if num_images > max_images:
+        logger.info("Principal points kept at the centre: %d registered images exceed the limit of %d for the "
+                    "covariance (it would cost as much as mapping; recon.sfm.calibration); "
+                    "--refine-principal-point always frees them without it", num_images, max_images)
+        return reconstruction, []
+    logger.info("Principal points: bundle adjustment covariance over %d registered images", num_images)
     # The covariance at the mapper's solution already tells which cameras the views constrain (the Hessian
     # barely changes over the few pixels the principal point moves), so undetermined ones never enter the solve:
     # 0.07 s instead of a 1 s adjustment on temple_ring, where the freed principal point would drift 125 px.
@@ -79,8 +107,8 @@ def refine_principal_points(
     _, covariance_before = _free_principal_points(pycolmap.Reconstruction(reconstruction), eligible, solve=False)
     sigma_before = {cid: _sigma(c) for cid, c in covariance_before.items()}
     undetermined = f"not determined by these views (sigma > {max_sigma_fraction:.0%} of the image)"
-    candidates = set(eligible) if force else {
-        cid for cid in eligible if sigma_before[cid] <= max_sigma_fraction * _size(reconstruction.cameras[cid])}
+    candidates = {cid for cid in eligible
+                  if sigma_before[cid] <= max_sigma_fraction * _size(reconstruction.cameras[cid])}
     for cid in eligible - candidates:
         decisions[cid] = PrincipalPointDecision(cid, images_per_camera[cid], 0.0, sigma_before[cid], False,
                                                 undetermined)
@@ -92,9 +120,7 @@ def refine_principal_points(
             size = _size(reconstruction.cameras[cid])
             offset = _principal_point(trial.cameras[cid]) - _principal_point(reconstruction.cameras[cid])
             shift, sigma = float(np.linalg.norm(offset)), _sigma(pp_covariance[cid])
-            if force:
-                kept, reason = True, "forced"
-            elif not sigma <= max_sigma_fraction * size:
+            if not sigma <= max_sigma_fraction * size:
                 kept, reason = False, undetermined
             elif shift > max_shift_fraction * size:
                 kept, reason = False, f"implausible shift (> {max_shift_fraction:.0%} of the image)"
@@ -113,24 +139,29 @@ def refine_principal_points(
         # and points it shares with the others.
         candidates -= rejected
         trial = reconstruction
-    ordered = sorted(decisions.values(), key=lambda d: d.camera_id)
-    for d in ordered:
+    return trial, _log(sorted(decisions.values(), key=lambda d: d.camera_id))
+
+
+def _log(decisions: list[PrincipalPointDecision]) -> list[PrincipalPointDecision]:
+    for d in decisions:
         logger.info("camera %d (%d images): principal point %s, shift %.1f px, sigma %.2f px — %s", d.camera_id,
                     d.num_images, "refined" if d.kept else "kept at the centre", d.shift_px, d.sigma_px, d.reason)
-    return trial, ordered
+    return decisions
 
 
 def _size(camera: pycolmap.Camera) -> int:
     return max(camera.width, camera.height)
 
 
-def _free_principal_points(model: pycolmap.Reconstruction, free: set[int], solve: bool):
+def _free_principal_points(model: pycolmap.Reconstruction, free: set[int], solve: bool, covariance: bool = True):
     """(model, {camera: 2x2 principal-point covariance}) with the given cameras' principal points free, the model
-    adjusted in place if `solve`."""
+    adjusted in place if `solve`; no covariances ({}) without `covariance`."""
     adjuster = _adjuster(model, free)
     if solve:
         adjuster.solve()
         model.update_point_3d_errors()  # the stored per-point errors feed the summary and the exports
+    if not covariance:
+        return model, {}
     covariance = pycolmap.estimate_ba_covariance(pycolmap.BACovarianceOptions(), model, adjuster)
     return model, {cid: _principal_point_covariance(covariance, model.cameras[cid]) for cid in free}
 
