@@ -235,15 +235,21 @@ def _operand(descriptors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     bfloat16 and 9.0 ms in float32, a repeated one 2.2 and 4.8 ms, a product padded to 256-row buckets 1.8 ms;
     the match stage on temple_ring_full went from 13.8 to 9.9-11.5 s. The padded rows and columns are cut off
     before any search."""
-    if dtype == torch.int8 and descriptors.dtype != torch.int8:
-        scale = INT8_SCALE / descriptors.abs().max().clamp(min=1e-12)
-        descriptors = (descriptors * scale).round_().to(torch.int8)
+    quantize = dtype == torch.int8 and descriptors.dtype != torch.int8
     if descriptors.device.type != "cpu":
-        return descriptors.to(dtype)
+        return _quantized(descriptors.float().clone()) if quantize else descriptors.to(dtype)
     padded = descriptors.new_zeros((-(-len(descriptors) // SHAPE_BUCKET) * SHAPE_BUCKET, *descriptors.shape[1:]),
-                                   dtype=dtype)
+                                   dtype=torch.float32 if quantize else dtype)
     padded[: len(descriptors)] = descriptors
-    return padded
+    # Quantised in place on the contiguous copy: half the time of working on the (N,D) view of a (D,N) array.
+    return _quantized(padded) if quantize else padded
+
+
+def _quantized(descriptors: torch.Tensor) -> torch.Tensor:
+    """int8 copy scaled so the largest magnitude maps to INT8_SCALE (`descriptors` is overwritten)."""
+    low, high = torch.aminmax(descriptors)
+    scale = INT8_SCALE / max(float(high), -float(low), 1e-12)
+    return descriptors.mul_(scale).round_().to(torch.int8)
 
 
 #: int8 operands map each descriptor set's largest magnitude to this; the products accumulate in int32.
