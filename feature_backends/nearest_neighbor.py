@@ -170,12 +170,12 @@ def _decide(
 
 def _passes(similarity: torch.Tensor, ratio_threshold: float | None, distance_threshold: float | None) -> torch.Tensor:
     """Ratio and distance tests of every row from its two best similarities (N,2) (or one, which has no ratio)."""
-    distance = (2 - 2 * similarity.float().clamp(-1, 1)).clamp(min=0).sqrt()
+    squared = (2 - 2 * similarity.float().clamp(-1, 1)).clamp(min=0)  # squared distances: no square roots needed
     valid = torch.ones(len(similarity), dtype=torch.bool, device=similarity.device)
     if ratio_threshold is not None and similarity.shape[1] == 2:
-        valid &= distance[:, 0] <= ratio_threshold * distance[:, 1]
+        valid &= squared[:, 0] <= ratio_threshold ** 2 * squared[:, 1]
     if distance_threshold is not None:
-        valid &= distance[:, 0] <= distance_threshold
+        valid &= squared[:, 0] <= distance_threshold ** 2
     return valid
 
 
