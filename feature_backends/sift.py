@@ -33,6 +33,10 @@ import numpy as np
 from .base import LocalFeatures
 
 
+#: Default cap on the images SIFT extracts at once (`num_threads` overrides it): ~0.25 GB each at 1600 px.
+MAX_IMAGE_THREADS = 8
+
+
 def root_sift(descriptors: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     descriptors = descriptors / (np.abs(descriptors).sum(axis=1, keepdims=True) + eps)
     return np.sqrt(np.maximum(descriptors, 0.0)).astype(np.float32)
@@ -47,7 +51,7 @@ class SIFT(LocalFeatures):
         "edge_threshold": 10.0,
         "n_octave_layers": 3,
         "root_sift": True,
-        "num_threads": None,  # images extracted at once, one OpenCV thread each; None: one per core
+        "num_threads": None,  # images extracted at once, one OpenCV thread each; None: one per core, at most 8
     }
     descriptor_family = "sift"
 
@@ -63,10 +67,12 @@ class SIFT(LocalFeatures):
     def parallel_images(self) -> int:
         """One image per core beats OpenCV's threads inside one image: 12 temple_ring_full images (640x480) on 2
         cores took 78-100 ms per image one at a time, 53 ms two at a time on one OpenCV thread each; same
-        keypoints and descriptors."""
+        keypoints and descriptors. At most `MAX_IMAGE_THREADS` by default: each image in flight costs memory (a
+        3072x2048 fountain_p11 image at 1600 px: +215 MB peak for OpenCV's pyramid, +25 MB decoded)."""
         if self.conf.num_threads is not None:
             return max(1, self.conf.num_threads)
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return min(cores, MAX_IMAGE_THREADS)
 
     def _extract_image(self, image: np.ndarray) -> dict[str, np.ndarray]:
         gray = image[..., 0] if image.shape[2] == 1 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)

@@ -69,3 +69,17 @@ def test_unreadable_image_is_skipped_and_named(synthetic_scene, tmp_path, caplog
     assert "broken.png" in caplog.text
     with FeatureReader(tmp_path / "f.h5") as reader:
         assert len(reader.names()) == 12
+
+
+def test_sift_image_threads_are_capped_by_default(monkeypatch):
+    """One image per core, but at most MAX_IMAGE_THREADS by default (~0.25 GB per 1600 px image in flight);
+    num_threads overrides it."""
+    import os
+
+    from feature_backends.sift import MAX_IMAGE_THREADS
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert SIFT({}).parallel_images() == MAX_IMAGE_THREADS == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert SIFT({}).parallel_images() == 2
+    assert SIFT({"num_threads": 16}).parallel_images() == 16
