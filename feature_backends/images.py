@@ -325,31 +325,16 @@ def iter_images(
     image_dir: str | Path, names: Iterable[str], grayscale: bool = False, prefetch: int = 4
 ) -> Iterator[tuple[str, np.ndarray | ImageReadError]]:
     """Yield (name, image) in order, decoding ahead on a thread; a bad image yields its error instead."""
-    image_dir = Path(image_dir)
-
-    def load(name: str) -> np.ndarray | ImageReadError:
-        try:
-            return read_image(image_dir / name, grayscale=grayscale)
-        except ImageReadError as error:
-            return error
-
-    names = list(names)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        futures = [pool.submit(load, name) for name in names[:prefetch]]
-        for index, name in enumerate(names):
-            if index + prefetch < len(names):
-                futures.append(pool.submit(load, names[index + prefetch]))
-            yield name, futures[index].result()
-            futures[index] = None  # release the decoded image
+    return map_images(lambda name, image: (name, image), image_dir, names, grayscale, workers=1, ahead=prefetch)
 
 
 def map_images(
     function: Callable[[str, np.ndarray | ImageReadError], Any], image_dir: str | Path, names: Iterable[str],
-    grayscale: bool = False, workers: int = 2,
+    grayscale: bool = False, workers: int = 2, ahead: int | None = None,
 ) -> Iterator[Any]:
     """`function(name, image)` for every image, decoded and processed on `workers` threads, yielded in order. At
-    most 2 x `workers` images are in flight, so memory stays flat whatever the number of images; a bad image is
-    passed as its ImageReadError, as `iter_images` does."""
+    most `ahead` (default 2 x `workers`) images are in flight, so memory stays flat whatever the number of images;
+    a bad image is passed as its ImageReadError."""
     image_dir = Path(image_dir)
 
     def task(name: str) -> Any:
@@ -360,11 +345,11 @@ def map_images(
         return function(name, image)
 
     names = list(names)
-    ahead = 2 * workers
+    ahead = max(1, 2 * workers if ahead is None else ahead)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(task, name) for name in names[:ahead]]
         for index in range(len(names)):
             if index + ahead < len(names):
                 futures.append(pool.submit(task, names[index + ahead]))
             yield futures[index].result()
-            futures[index] = None
+            futures[index] = None  # release the decoded image
