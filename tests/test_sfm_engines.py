@@ -78,13 +78,14 @@ def test_auto_registers_whole_the_scene_incremental_mapping_splits(tmp_path):
     assert recorded["engine"] == "global" and result.to_dict()["engine"] == "global"
 
 
-def test_auto_keeps_incremental_when_global_leaves_views_out(tmp_path):
+def test_auto_keeps_a_complete_incremental_model_without_running_global(tmp_path):
     scene = make_ring_scene(tmp_path / "scene", GUESSED)
+    assert _map(scene, tmp_path / "global", mapper="global").num_registered < 24  # global first would split it
     result = _map(scene, tmp_path / "auto", mapper="auto")
-    runs = result.engine_runs
-    assert runs["global"]["registered"] < 24 and runs["incremental"]["registered"] == 24, runs
-    assert result.engine == "incremental" and result.num_registered == 24
-    assert "kept incremental (more views)" in result.engine_reason
+    assert result.engine == "incremental" and result.num_registered == 24 and result.num_models == 1
+    assert list(result.engine_runs) == ["incremental"], result.engine_runs
+    assert "global mapper not needed" in result.engine_reason
+    assert result.refinement["filtered_observations"] >= 0 and result.refinement["threshold_px"] > 0
 
 
 def test_auto_tie_break_rejects_a_model_that_lost_its_points():
@@ -111,8 +112,15 @@ def test_engine_options_are_checked_before_any_work():
                                          "view_graph_calibration.max_calibration_error": 3.0}, 100, -1, 0)
     assert sections["global"].mapper.ba_num_iterations == 2
     assert sections["view_graph_calibration"].max_calibration_error == 3.0
+    # auto, unprefixed: every engine auto may run that has the key (incremental, also inside hierarchical; global)
+    sections = pipeline_options("auto", {"mapper.init_min_num_inliers": 50, "min_num_matches": 30,
+                                         "incremental.ba_local_max_num_iterations": 7}, 100, -1, 0)
+    inner = sections["hierarchical"].incremental_options
+    assert sections["incremental"].mapper.init_min_num_inliers == inner.mapper.init_min_num_inliers == 50
+    assert sections["incremental"].min_num_matches == inner.min_num_matches == sections["global"].min_num_matches == 30
+    assert sections["incremental"].ba_local_max_num_iterations == inner.ba_local_max_num_iterations == 7
     for mapper, overrides, message in [
-        ("auto", {"mapper.init_min_num_inliers": 50}, "name the engine first"),
+        ("auto", {"mapper.no_such_option": 50}, "unknown pycolmap option 'mapper.no_such_option' of Incremental"),
         ("incremental", {"global.mapper.ba_num_iterations": 2}, "does not use the global options"),
         ("hierarchical", {"clustering_options.no_such": 1}, "unknown pycolmap option"),
         ("global", {"mapper.ba_num_iterations": "many"}, "expected a value like"),

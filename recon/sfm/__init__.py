@@ -5,9 +5,10 @@
 for them, and its work files to `out_dir/sfm/` (database.db, colmap.log.*, the inputs stamp). A finished
 reconstruction is stamped with its inputs; calling again with the same inputs returns it without re-mapping.
 
-Modules: `database` (import), `verification` (two-view geometry), `mapping` (pycolmap's mappers), `calibration`
-(principal point after mapping), `process` (the whole stage in a fresh Python process, the default: measured
-faster after the matching stages, and a COLMAP crash becomes an error message; see its docstring).
+Modules: `database` (import), `verification` (two-view geometry), `mapping` (pycolmap's mappers), `auto` (which
+mapper), `refinement` (outlier filter and bundle adjustment after mapping), `calibration` (principal point),
+`process` (the whole stage in a fresh Python process, the default: measured faster after the matching stages, and
+a COLMAP crash becomes an error message; see its docstring).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from ..records import read_record, write_record
 from .calibration import refine_principal_points
 from .auto import map_scene
 from .database import CameraMode, check_matches_fit, import_features, import_matches, restore_names
-from .mapping import model_stats, pipeline_options, write_models
+from .mapping import model_stats, pipeline_options, refined_intrinsics, write_models
 from .priors import align_to_priors
+from .refinement import refine_model
 from .verification import verification_error
 from .verifiers import VerifierSettings, verify
 
@@ -48,11 +50,11 @@ class SfMOptions:
     camera_model: str = option("SIMPLE_RADIAL", flags=("--camera-model",),
                                help="COLMAP camera model (SIMPLE_RADIAL, OPENCV, OPENCV_FISHEYE, …)")
     mapper: Literal["incremental", "global", "hierarchical", "auto"] = option(
-        "incremental", flags=("--mapper",),
+        "auto", flags=("--mapper",),
         help="pycolmap's incremental mapper, its global mapper (GLOMAP; view-graph calibration first when focal "
              "lengths are guesses), its hierarchical mapper (clusters mapped in parallel, then merged), or auto: "
-             "both global and incremental, keeping the model with more views (ties: lower reprojection error "
-             "unless it lost its points; recon.sfm.auto has the measurements)")
+             "incremental (hierarchical above 500 images), and the global mapper too when that leaves views out, "
+             "keeping the model with more views (recon.sfm.auto has the rule and the measurements)")
     mapper_options: dict = option(
         default_factory=dict, flags=("--mapper-option",),
         help="a field of pycolmap's IncrementalPipelineOptions / GlobalPipelineOptions / "
@@ -85,6 +87,9 @@ class SfMOptions:
         "fundamental", help="magsac / poselib: fit F on pixels, or E with the database's camera priors")
     verification_confidence: float = option(0.999, help="RANSAC confidence of every verifier")
     verification_max_iterations: int = option(10000, help="RANSAC iteration cap of every verifier")
+    outlier_ratio: float = option(
+        4.0, help="after mapping, drop observations whose reprojection error exceeds this multiple of the model's "
+                  "median point error, then one bundle adjustment (0: off; recon.sfm.refinement)")
     refine_principal_point: Literal["auto", "always", "never"] = option(
         "auto", flags=("--refine-principal-point",),
         help="after mapping, free the principal point of shared cameras; 'auto' keeps it only where the BA "
@@ -97,6 +102,8 @@ class SfMOptions:
         """Every option valid, pycolmap's included: called before any stage runs."""
         pipeline_options(self.mapper, self.mapper_options, num_images, self.num_threads, self.random_seed)
         verifier_settings(self).check()
+        if not self.outlier_ratio >= 0:
+            raise ConfigError(f"--sfm.outlier-ratio must be 0 (off) or a positive multiple, got {self.outlier_ratio}")
         if not self.pose_prior_std > 0:
             raise ConfigError(f"--sfm.pose-prior-std must be positive metres, got {self.pose_prior_std}")
         try:
@@ -119,6 +126,7 @@ class SfMResult:
     engine: str = ""  # the mapping engine whose model was kept
     engine_reason: str = ""  # why (auto: what each engine registered)
     engine_runs: dict[str, dict] = field(default_factory=dict)  # per engine run: registered, models, points, …
+    refinement: dict | None = None  # the outlier filter's threshold and counts (largest model)
     georeference: dict | None = None  # with use_pose_priors: the ENU frame's WGS84 origin, scale, residual
 
     def to_dict(self) -> dict:
@@ -311,13 +319,22 @@ def _reconstruct(inputs: SfMInputs, options: SfMOptions) -> SfMResult:
             f"mapping failed: no model could be initialised from {counts['verified']} verified pairs "
             f"(see {inputs.work_dir}/colmap.log.*). Try more pairs, more keypoints or another matcher."
         )
+    engine_extra = {}
+    if options.outlier_ratio:
+        _enter("outlier filter and bundle adjustment")
+        start = time.perf_counter()
+        focal, extra = refined_intrinsics(choice.engine, sections)
+        refined = [refine_model(model, options.outlier_ratio, focal, extra) for model in models]
+        models = [model for model, _ in refined]
+        if refined[0][1] is not None:
+            engine_extra["refinement"] = refined[0][1].to_dict()
+        timings["refine"] = time.perf_counter() - start
     if options.refine_principal_point != "never":
         _enter("principal-point refinement")
         start = time.perf_counter()
         models = [refine_principal_points(model, force=options.refine_principal_point == "always")[0]
                   for model in models]
         timings["calibrate"] = time.perf_counter() - start
-    engine_extra = {}
     if options.use_pose_priors:  # every model into the GPS frame; the largest one's alignment is recorded
         _enter("alignment to the GPS priors")
         alignments = [align_to_priors(model, database, options.pose_prior_std) for model in models]

@@ -1,32 +1,36 @@
-"""`--mapper auto`: the global and the incremental mapper on the same database, the better model kept.
+"""`--mapper auto` (the default): the incremental mapper, and the global one only when it leaves views out.
 
 The rule:
-1. Run the global mapper (with view-graph calibration when focal lengths are guesses), then the incremental one.
-   Above `CHECK_MAX_IMAGES` images the incremental run is skipped when the global model registers every view
-   (incremental mapping grows with N², the reason the global mapper exists).
-2. Keep the model that registers the most views (largest model of each engine).
-3. On a tie, keep the lower mean reprojection error, unless that model holds under `MIN_POINT_RATIO` of the
-   other's 3D points: a global solution that lost most of its tracks fits the few left very well.
+1. Map with the incremental mapper, or above the hierarchical mapper's cluster size (`leaf_max_num_images`, 500)
+   with the hierarchical one, which maps clusters in parallel and merges them instead of growing one model at N²
+   cost (below that size it is the incremental mapper).
+2. If its largest model holds every view, keep it: one mapping run, the common case.
+3. Otherwise run the global mapper (view-graph calibration first when focal lengths are guesses) and keep the
+   model that registers the most views (largest model of each engine); on a tie the lower mean reprojection
+   error, unless that model holds under `MIN_POINT_RATIO` of the other's 3D points (a global solution that lost
+   most of its tracks fits the few left very well).
+Every engine's model then goes through the same outlier filter and bundle adjustment (recon.sfm.refinement) and
+the principal-point step.
 
-Why, measured on recon's default matches (the same features.h5 / matches.h5 for every engine; AUC@1 in percent,
-registered views, reprojection error, mapping seconds on the shared 2-core VM where times vary by ±20 %):
+Why, measured on recon's default matches (the same features.h5 / matches.h5 for every engine, each model refined
+as above; AUC@1 in percent, registered views, mapping seconds on the shared 2-core VM, ±20 %), 2026-11-30:
 
-| scene                  | incremental              | global (+ view-graph calib.) | global, no calib. | hierarchical |
-|------------------------|--------------------------|------------------------------|-------------------|--------------|
-| temple_ring (19)       | 34.0, 19, 0.275 px, 4 s  | **39.2**, 19, 0.250 px, 9 s  | 36.8, 19          | 34.0, 19     |
-| temple_ring_full (47)  | **66.4**, 47, 0.289, 17 s| 8.2, 24 of 47 (3 models)     | 64.6, 47          | 66.2, 47     |
-| fountain_p11 (11)      | **91.8**, 11, 0.359, 13 s| 91.4, 11, 0.317 px, 15-21 s  | 91.3, 11          | 91.8, 11     |
-| demo scene (12, tests) | 86.0, 12, 0.592, 448 pts | 10.4, 12, 0.368 px, 124 pts  | **89.9**, 12      | 85.9, 12     |
-| ring, 2 weak links (24)| 22.8, 12 of 24 (2 models)| **95.2**, 24                 | -                 | -            |
+| scene                   | incremental      | global (+ view-graph calib. when guessed) | hierarchical | auto          |
+|-------------------------|------------------|-------------------------------------------|--------------|---------------|
+| temple_ring (19)        | 37.9, 19, 4.3 s  | **38.4**, 19, 8.4 s                       | 38.0, 19     | 37.9 (incr.)  |
+| temple_ring_full (47)   | **77.8**, 47, 17 s | 15.4, 47 (a wrong model), 29 s          | 77.3, 47     | 77.8 (incr.)  |
+| fountain_p11 (11)       | 94.2, 11, 9.6 s  | **94.3**, 11, 8.6-11 s                    | 94.2, 11     | 94.2 (incr.)  |
+| demo scene (12, README) | 91.9, 12         | **92.6**, 12                              | 91.9, 12     | 91.9 (incr.)  |
+| ring, 2 weak links (24) | 12 of 24 (2 models) | **24**, AUC@1 > 90                     | -            | global, 24    |
 
-No single engine is safe: incremental first and alone keeps temple_ring 5 points below the global mapper and
-splits the weakly linked ring; global alone splits temple_ring_full and returns a wrong model of the demo scene
-whose every view is registered (only its point count gives it away), both after the view-graph calibration it
-needs without EXIF focal lengths. Running both and applying rules 2-3 meets the best default engine on all five
-(registered views, and AUC@1 within 1 point: 39.2, 66.4, 91.4, 86.0, 95.2) for the price of two mapping runs.
-Splits are not merged: the only alignment pycolmap exposes (`align_reconstructions_via_*`) needs views common to
-both models, which split models need not share (the two halves of the weakly linked ring share none), and it has
-no call to merge the aligned points; the other engine's whole model is the remedy.
+Without the refinement step the global mapper led temple_ring by 5 points (39.2 against 34.0) and an earlier
+rule ran both engines on every scene to catch it; with it the engines agree within 0.7 points wherever both
+register everything, so the second run is kept for what only it fixes: views left out (the weakly linked ring,
+tests/test_sfm_engines.py). Global first would be wrong: it returns complete but wrong models (temple_ring_full
+above; the guessed-focal ring of the tests splits) and is the slower engine below a few hundred views. Splits are
+not merged: the only alignment pycolmap exposes (`align_reconstructions_via_*`) needs views common to both models,
+which split models need not share (the two halves of the weakly linked ring share none), and it has no call to
+merge the aligned points; the other engine's whole model is the remedy.
 
 The choice and the reason are logged and returned, and reach run.json through SfMResult.engine /
 engine_reason / engine_runs.
@@ -46,9 +50,14 @@ from .mapping import run_engine
 
 logger = logging.getLogger(__name__)
 
-AUTO_ORDER = ("global", "incremental")
-CHECK_MAX_IMAGES = 500  # above: no incremental check of a complete global model
 MIN_POINT_RATIO = 0.8
+
+
+def first_engine(sections: dict[str, Any], num_images: int) -> str:
+    """incremental up to the hierarchical mapper's cluster size (where it would make one cluster, i.e. be the
+    incremental mapper), hierarchical above."""
+    leaf = sections["hierarchical"].clustering_options.leaf_max_num_images
+    return "incremental" if num_images <= leaf else "hierarchical"
 
 
 @dataclass
@@ -90,11 +99,11 @@ def choose(runs: dict[str, dict]) -> tuple[str, str]:
 def map_scene(mapper: str, sections: dict[str, Any], database: Path, image_dir: Path, staging: Path,
               num_images: int, calibrate: str = "auto") -> EngineChoice:
     """Run `mapper` (an engine, or 'auto' as described in the module docstring)."""
-    engines = AUTO_ORDER if mapper == "auto" else (mapper,)
+    first = first_engine(sections, num_images) if mapper == "auto" else mapper
     results: dict[str, list[pycolmap.Reconstruction]] = {}
     runs: dict[str, dict] = {}
-    for engine in engines:
-        if runs and num_images > CHECK_MAX_IMAGES and all(r["registered"] == num_images for r in runs.values()):
+    for engine in (first, "global") if mapper == "auto" else (first,):
+        if runs and runs[first]["registered"] == num_images:
             break
         start = time.perf_counter()
         results[engine] = run_engine(engine, sections, database, image_dir, staging, num_images, calibrate)
@@ -104,8 +113,7 @@ def map_scene(mapper: str, sections: dict[str, Any], database: Path, image_dir: 
     if mapper != "auto":
         return EngineChoice(mapper, "chosen with --mapper", results[mapper], runs)
     if len(runs) == 1:
-        best, reason = engines[0], (f"{engines[0]} registered all {num_images} views; incremental check skipped "
-                                    f"above {CHECK_MAX_IMAGES} images")
+        best, reason = first, f"{first} registered all {num_images} views in one model; global mapper not needed"
     else:
         best, reason = choose(runs)
     logger.info("auto mapper: %s (%s)", best, reason)

@@ -21,7 +21,8 @@ Options reach pycolmap's own option objects field by field, and `mapper_options`
 `pipeline_options`, which the run calls before any work so an unknown or mistyped key ends the run at once
 (exit 2) instead of after import and verification. A key may name its engine first
 (`global.mapper.ba_num_iterations=2`, `hierarchical.num_workers=2`, `view_graph_calibration.…`); without a
-prefix it belongs to the one engine `--mapper` names (required with `auto`, which runs several).
+prefix it belongs to the one engine `--mapper` names; with `auto`, to every engine auto may run whose options have
+it (the incremental options inside the hierarchical ones included).
 """
 
 from __future__ import annotations
@@ -41,12 +42,12 @@ logger = logging.getLogger(__name__)
 ENGINES = ("incremental", "global", "hierarchical")
 MAPPERS = (*ENGINES, "auto")
 _CALIBRATION = "view_graph_calibration"
-# The option objects each --mapper builds (auto runs incremental and, when needed, global).
+# The option objects each --mapper builds (auto runs incremental or hierarchical and, when needed, global).
 _SECTIONS = {
     "incremental": ("incremental",),
     "global": ("global", _CALIBRATION),
     "hierarchical": ("hierarchical",),
-    "auto": ("incremental", "global", _CALIBRATION),
+    "auto": ("incremental", "hierarchical", "global", _CALIBRATION),
 }
 
 
@@ -141,12 +142,36 @@ def pipeline_options(mapper: str, overrides: dict, num_images: int, num_threads:
                 raise ConfigError(f"--mapper-option {key}: --mapper {mapper} does not use the {head} options "
                                   f"(it uses: {', '.join(sections)})")
             _set_options(sections[head], {rest: value} if rest else value, f"{head}.")
+            if mapper == "auto" and head == "incremental":  # auto's hierarchical run is its incremental one above
+                _set_options(sections["hierarchical"].incremental_options, {rest: value} if rest else value,
+                             "incremental.")
         elif mapper == "auto":
-            raise ConfigError(f"--mapper-option {key}: with --mapper auto, name the engine first "
-                              f"(incremental.{key} or global.{key})")
+            _set_auto_option(sections, key, value)
         else:
             _set_options(sections[mapper], {key: value}, "")
     return sections
+
+
+def _set_auto_option(sections: dict[str, Any], key: str, value: Any) -> None:
+    """An unprefixed key with --mapper auto: set wherever the engines auto may run have it (the incremental options,
+    also inside the hierarchical ones, and the global options); unknown to all of them is an error."""
+    targets = [(sections["incremental"], ""), (sections["hierarchical"].incremental_options, ""),
+               (sections["global"], "global.")]
+    found = [(target, where) for target, where in targets if _has_path(target, key)]
+    if not found:
+        raise ConfigError(f"--mapper-option: unknown pycolmap option '{key}' of IncrementalPipelineOptions or "
+                          f"GlobalPipelineOptions (the engines of --mapper auto); name one engine's option as "
+                          f"incremental.…, global.…, hierarchical.… or view_graph_calibration.…")
+    for target, where in found:
+        _set_options(target, {key: value}, where)
+
+
+def _has_path(target: Any, key: str) -> bool:
+    for part in key.split("."):
+        if part.startswith("_") or not hasattr(target, part):
+            return False
+        target = getattr(target, part)
+    return True
 
 
 def has_focal_priors(database: Path) -> bool:
@@ -205,6 +230,16 @@ def _hierarchical_mapping(options: Any, database: Path, image_dir: Path, staging
                 else "clusters mapped in parallel and merged", clustering.leaf_max_num_images,
                 clustering.image_overlap)
     return pycolmap.hierarchical_mapping(database, image_dir, staging, options)
+
+
+def refined_intrinsics(engine: str, sections: dict[str, Any]) -> tuple[bool, bool]:
+    """(focal length, extra parameters): whether `engine`'s bundle adjustments refine them, so that later
+    adjustments (recon.sfm.refinement) keep what the user held fixed through --mapper-option."""
+    if engine == "global":
+        options = sections["global"].mapper.bundle_adjustment
+        return options.refine_focal_length, options.refine_extra_params
+    options = sections["hierarchical"].incremental_options if engine == "hierarchical" else sections[engine]
+    return options.ba_refine_focal_length, options.ba_refine_extra_params
 
 
 def write_models(models: list[pycolmap.Reconstruction], sparse_root: Path) -> Path:
