@@ -10,6 +10,7 @@ import numpy as np
 import pycolmap
 import pytest
 
+from recon.sfm.mapping import final_adjustment, pipeline_options
 from recon.sfm.refinement import refine_model
 
 FOCAL = 800.0
@@ -97,7 +98,9 @@ def test_clean_scene_loses_almost_nothing_and_off_returns_the_model():
 @pytest.mark.parametrize("focal,extra", [(False, False), (True, False)])
 def test_intrinsics_held_fixed_stay_fixed(focal, extra):
     model, _, _ = adjusted_scene(corrupt_ratio=0.05)
-    refined, _ = refine_model(model, 4.0, refine_focal_length=focal, refine_extra_params=extra)
+    overrides = {"ba_refine_focal_length": focal, "ba_refine_extra_params": extra}
+    options = final_adjustment("incremental", pipeline_options("incremental", overrides, 12, 1, 0))
+    refined, _ = refine_model(model, 4.0, options)
     params_before, params_after = np.asarray(model.cameras[1].params), np.asarray(refined.cameras[1].params)
     assert (params_after[0] != params_before[0]) == focal
     assert params_after[3] == params_before[3]

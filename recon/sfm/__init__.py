@@ -32,7 +32,7 @@ from ..records import read_record, write_record
 from .calibration import refine_principal_points
 from .auto import map_scene
 from .database import CameraMode, check_matches_fit, import_features, import_matches, restore_names
-from .mapping import model_stats, pipeline_options, refined_intrinsics, write_models
+from .mapping import final_adjustment, model_stats, pipeline_options, write_models
 from .priors import align_to_priors
 from .refinement import refine_model
 from .verification import verification_error
@@ -323,8 +323,8 @@ def _reconstruct(inputs: SfMInputs, options: SfMOptions) -> SfMResult:
     if options.outlier_ratio:
         _enter("outlier filter and bundle adjustment")
         start = time.perf_counter()
-        focal, extra = refined_intrinsics(choice.engine, sections)
-        refined = [refine_model(model, options.outlier_ratio, focal, extra) for model in models]
+        adjustment = final_adjustment(choice.engine, sections)
+        refined = [refine_model(model, options.outlier_ratio, adjustment) for model in models]
         models = [model for model, _ in refined]
         if refined[0][1] is not None:
             engine_extra["refinement"] = refined[0][1].to_dict()

@@ -6,7 +6,8 @@ leaves a model whose track errors have a median of 0.17-0.25 px, so 4 px keeps t
 of the observations above 2.1 px), and that tail pulls the shared intrinsics and the poses. Here the threshold
 follows the model: `max_error_ratio` times the median of its points' mean reprojection errors, whatever the
 feature, matcher or image size; the observations above it are removed (points left with one view go too) and one
-global bundle adjustment refines poses, points and the intrinsics the engine refines.
+global bundle adjustment, the incremental mapper's own (its iteration cap, tolerances and solver choice by model
+size), refines poses, points and the intrinsics the engine refines.
 
 Measured on recon's default models of the ground-truth scenes (incremental mapper, after the principal-point
 step; AUC@1/3/5 of relative poses, scripts/bench_sfm.py's scoring; 2-core VM):
@@ -55,11 +56,13 @@ class Refinement:
         return {key: round(value, 4) if isinstance(value, float) else value for key, value in asdict(self).items()}
 
 
-def refine_model(model: pycolmap.Reconstruction, max_error_ratio: float, refine_focal_length: bool = True,
-                 refine_extra_params: bool = True) -> tuple[pycolmap.Reconstruction, Refinement | None]:
+def refine_model(model: pycolmap.Reconstruction, max_error_ratio: float,
+                 options: pycolmap.BundleAdjustmentOptions | None = None,
+                 ) -> tuple[pycolmap.Reconstruction, Refinement | None]:
     """The model with observations above `max_error_ratio` x the median point error removed and one global
-    bundle adjustment (principal points held; the caller's flags for the rest of the intrinsics). The input is
-    not modified; it comes back as is (and None) when the ratio is 0 or the model has no points."""
+    bundle adjustment with `options` (recon.sfm.mapping.final_adjustment; default: the incremental mapper's global
+    adjustment). The input is not modified; it comes back as is (and None) when the ratio is 0 or the model has
+    no points."""
     if max_error_ratio <= 0 or model.num_points3D() == 0:
         return model, None
     errors = np.fromiter((point.error for point in model.points3D.values()), float, count=model.num_points3D())
@@ -70,11 +73,9 @@ def refine_model(model: pycolmap.Reconstruction, max_error_ratio: float, refine_
     filtered = pycolmap.ObservationManager(refined).filter_points3D_with_large_reprojection_error(
         threshold, set(refined.point3D_ids()))
     if filtered:
-        options = pycolmap.BundleAdjustmentOptions()
-        options.print_summary = False
-        options.refine_principal_point = False
-        options.refine_focal_length = refine_focal_length
-        options.refine_extra_params = refine_extra_params
+        if options is None:
+            options = pycolmap.IncrementalPipelineOptions().get_global_bundle_adjustment()
+            options.refine_principal_point = options.print_summary = False
         pycolmap.bundle_adjustment(refined, options)
         refined.update_point_3d_errors()
     report = Refinement(threshold, median, filtered, model.num_points3D(), refined.num_points3D(), error_before,
