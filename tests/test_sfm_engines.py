@@ -14,7 +14,7 @@ from feature_backends.errors import ConfigError
 from recon.eval import evaluate
 from recon.export import export
 from recon.sfm import SfMOptions, reconstruct
-from recon.sfm.auto import choose
+from recon.sfm.auto import choose, first_engine
 from recon.sfm.mapping import pipeline_options
 from recon.synthetic_tracks import RingSpec, camera_enu, enu_to_wgs84, make_ring_scene, ring_cameras
 
@@ -86,6 +86,15 @@ def test_auto_keeps_a_complete_incremental_model_without_running_global(tmp_path
     assert list(result.engine_runs) == ["incremental"], result.engine_runs
     assert "global mapper not needed" in result.engine_reason
     assert result.refinement["filtered_observations"] >= 0 and result.refinement["threshold_px"] > 0
+
+
+def test_auto_maps_incremental_up_to_the_hierarchical_cluster_size():
+    # above it the hierarchical mapper clusters the view graph and maps the clusters in parallel; up to it, it would
+    # make one cluster, i.e. be the incremental mapper
+    assert first_engine(pipeline_options("auto", {}, 500, -1, 0), 500) == "incremental"
+    assert first_engine(pipeline_options("auto", {}, 501, -1, 0), 501) == "hierarchical"
+    sections = pipeline_options("auto", {"hierarchical.clustering_options.leaf_max_num_images": 40}, 41, -1, 0)
+    assert first_engine(sections, 41) == "hierarchical" and first_engine(sections, 40) == "incremental"
 
 
 def test_auto_tie_break_rejects_a_model_that_lost_its_points():
