@@ -13,6 +13,7 @@ import pytest
 from feature_backends.errors import ConfigError
 from recon.eval import evaluate
 from recon.export import export
+from recon.options import parse_overrides
 from recon.sfm import SfMOptions, reconstruct
 from recon.sfm.auto import choose, first_engine
 from recon.sfm.mapping import pipeline_options
@@ -112,6 +113,10 @@ def test_auto_tie_break_rejects_a_model_that_lost_its_points():
     assert choose(split)[0] == "global"
 
 
+def inner_of(sections):
+    return sections["hierarchical"].incremental_options
+
+
 def test_engine_options_are_checked_before_any_work():
     sections = pipeline_options("hierarchical", {"num_workers": 2, "clustering_options.leaf_max_num_images": 50},
                                 100, -1, 0)
@@ -128,6 +133,12 @@ def test_engine_options_are_checked_before_any_work():
     assert sections["incremental"].mapper.init_min_num_inliers == inner.mapper.init_min_num_inliers == 50
     assert sections["incremental"].min_num_matches == inner.min_num_matches == sections["global"].min_num_matches == 30
     assert sections["incremental"].ba_local_max_num_iterations == inner.ba_local_max_num_iterations == 7
+    # the command line nests dotted keys (recon.options.parse_overrides): the same under auto, where only the
+    # incremental options have mapper.ba_local_num_images
+    nested = parse_overrides(["mapper.ba_local_num_images=4", "global.mapper.ba_num_iterations=2"], "--mapper-option")
+    sections = pipeline_options("auto", nested, 100, -1, 0)
+    assert sections["incremental"].mapper.ba_local_num_images == 4 == inner_of(sections).mapper.ba_local_num_images
+    assert sections["global"].mapper.ba_num_iterations == 2
     for mapper, overrides, message in [
         ("auto", {"mapper.no_such_option": 50}, "unknown pycolmap option 'mapper.no_such_option' of Incremental"),
         ("incremental", {"global.mapper.ba_num_iterations": 2}, "does not use the global options"),

@@ -144,7 +144,7 @@ def pipeline_options(mapper: str, overrides: dict, num_images: int, num_threads:
         if use_pose_priors and name in ("incremental", "hierarchical"):
             inner = section.incremental_options if name == "hierarchical" else section
             inner.use_prior_position = inner.use_robust_loss_on_prior_position = True
-    for key, value in overrides.items():
+    for key, value in _dotted(overrides).items():
         head, _, rest = key.partition(".")
         if head in (*ENGINES, _CALIBRATION):
             if head not in sections:
@@ -159,6 +159,17 @@ def pipeline_options(mapper: str, overrides: dict, num_images: int, num_threads:
         else:
             _set_options(sections[mapper], {key: value}, "")
     return sections
+
+
+def _dotted(overrides: dict, prefix: str = "") -> dict[str, Any]:
+    """{"mapper": {"init_min_num_inliers": 50}} (the command line's nesting) -> {"mapper.init_min_num_inliers": 50}."""
+    flat = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _set_auto_option(sections: dict[str, Any], key: str, value: Any) -> None:
