@@ -356,6 +356,9 @@ REFUSALS = {
                                            "names 1 unknown images, e.g. ['ghost.png']"),
     "corrupt features file": (["match", "{out}/pairs.txt", "{tmp}/corrupt.h5", "{tmp}/m.h5"], 1,
                               "'{tmp}/corrupt.h5' is not a readable HDF5 file"),
+    "sfm before matching": (["sfm", "{images}", "{tmp}/fresh", "--features", "{out}/features.h5"], 2,
+                            "{tmp}/fresh/pairs.txt: no such file; the SfM stage needs its pairs (make them with "
+                            "`recon pairs`, or give the file with --pairs)"),
 }
 
 

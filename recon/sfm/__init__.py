@@ -194,6 +194,11 @@ def reconstruct(
     """Models to out_dir/sparse/N (largest first), work files to out_dir/sfm/; see the module docstring."""
     options = options or SfMOptions()
     inputs = SfMInputs(Path(out_dir), Path(image_dir), Path(pairs_path), Path(features_path), Path(matches_path))
+    for path, role, stage in ((inputs.pairs, "pairs", "recon pairs"), (inputs.features, "features", "recon extract"),
+                              (inputs.matches, "matches", "recon match")):
+        if not path.is_file():
+            raise InputError(f"{path}: no such file; the SfM stage needs its {role} (make them with `{stage}`, or "
+                             f"give the file with --{role})")
     inputs.work_dir.mkdir(parents=True, exist_ok=True)
     stamp = _fingerprint(inputs, options)
     stamp_path = inputs.work_dir / _STAMP
