@@ -142,6 +142,7 @@ def test_engine_options_are_checked_before_any_work():
     for mapper, overrides, message in [
         ("auto", {"mapper.no_such_option": 50}, "unknown pycolmap option 'mapper.no_such_option' of Incremental"),
         ("incremental", {"global.mapper.ba_num_iterations": 2}, "does not use the global options"),
+        ("auto", {"incremental": 5}, "name a field of the incremental options"),
         ("hierarchical", {"clustering_options.no_such": 1}, "unknown pycolmap option"),
         ("global", {"mapper.ba_num_iterations": "many"}, "expected a value like"),
         ("sideways", {}, "unknown mapper"),

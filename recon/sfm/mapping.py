@@ -73,8 +73,8 @@ def _set_options(target: Any, values: dict, where: str) -> None:
         head, _, rest = key.partition(".")
         if not hasattr(target, head):
             _unknown(target, head, where)
-        if rest or isinstance(value, dict):
-            _set_options(getattr(target, head), {rest: value} if rest else value, f"{where}{head}.")
+        if rest:
+            _set_options(getattr(target, head), {rest: value}, f"{where}{head}.")
             continue
         try:
             setattr(target, head, value)
@@ -147,13 +147,15 @@ def pipeline_options(mapper: str, overrides: dict, num_images: int, num_threads:
     for key, value in _dotted(overrides).items():
         head, _, rest = key.partition(".")
         if head in (*ENGINES, _CALIBRATION):
+            if not rest:
+                raise ConfigError(f"--mapper-option {key}={value!r}: name a field of the {head} options "
+                                  f"({head}.FIELD=VALUE)")
             if head not in sections:
                 raise ConfigError(f"--mapper-option {key}: --mapper {mapper} does not use the {head} options "
                                   f"(it uses: {', '.join(sections)})")
-            _set_options(sections[head], {rest: value} if rest else value, f"{head}.")
+            _set_options(sections[head], {rest: value}, f"{head}.")
             if mapper == "auto" and head == "incremental":  # auto's hierarchical run is its incremental one above
-                _set_options(sections["hierarchical"].incremental_options, {rest: value} if rest else value,
-                             "incremental.")
+                _set_options(sections["hierarchical"].incremental_options, {rest: value}, "incremental.")
         elif mapper == "auto":
             _set_auto_option(sections, key, value)
         else:
