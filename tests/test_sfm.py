@@ -47,3 +47,30 @@ def test_camera_modes_and_exif_focal(tmp_path):
             assert all(c.has_prior_focal_length and c.focal_length == pytest.approx(28 / 36 * 120) for c in cameras)
             keypoints = db.read_keypoints(1)
             np.testing.assert_allclose(keypoints[:, :2], 0.5)  # hloc → COLMAP pixel convention
+
+
+def test_features_of_images_outside_the_pairs_are_not_mapped(synthetic_scene, synthetic_run, tmp_path):
+    """A features file kept from an earlier run in the same folder holds images this run does not pair: they are
+    not imported, so they do not count as views left out (which would send `auto` to the global mapper too)."""
+    import shutil
+
+    from feature_backends.store import FeatureReader, FeatureWriter
+    from recon.sfm import SfMOptions, reconstruct
+
+    out = synthetic_run.out_dir
+    features = tmp_path / "features.h5"
+    shutil.copyfile(out / "features.h5", features)
+    with FeatureReader(features) as reader:
+        first = reader.names()[0]
+        stored = reader.read(first)
+    with FeatureWriter(features) as writer:
+        writer.write("earlier-run/other.png", stored)
+    with FeatureReader(features) as reader:
+        assert len(reader.names()) == 13
+
+    result = reconstruct(tmp_path / "sfm", synthetic_scene / "images", out / "pairs.txt", features,
+                         out / "matches.h5", options=SfMOptions(fresh_process=False))
+    assert (result.num_images, result.num_registered) == (12, 12)
+    assert list(result.engine_runs) == ["incremental"]  # every paired view registered: no global run
+    with pycolmap.Database.open(tmp_path / "sfm" / "sfm" / "database.db") as db:
+        assert db.num_images() == 12

@@ -25,7 +25,7 @@ import pycolmap
 
 from feature_backends.errors import ConfigError, InputError, ReconError
 from feature_backends.store import list_feature_names
-from pairs.io import read_pairs
+from pairs.io import check_names, read_pairs
 
 from ..options import option, to_dict
 from ..records import read_record, write_record
@@ -226,10 +226,20 @@ def _finished(inputs: SfMInputs, model_dir: Path) -> SfMResult | None:
                        error)
         return None
     logger.info("Reconstruction in %s is up to date with its inputs; not re-mapping", model_dir)
-    num_images = len(list_feature_names(inputs.features))
+    num_images = len(_image_names(inputs.features, read_pairs(inputs.pairs)))
     engine = read_record(inputs.work_dir / _ENGINE) or {}
     return SfMResult(model_dir, num_images, num_models=len(list(inputs.sparse_root.iterdir())), timings={},
                      **model_stats(model), **engine)
+
+
+def _image_names(features: Path, pairs: list[tuple[str, str]]) -> list[str]:
+    """The images the stage maps: those of the pairs, in the features file's order. A features file kept from an
+    earlier run in the same folder (the extract stage resumes into it) may hold other images, which would count as
+    views left out (and make `--mapper auto` run the global mapper for them)."""
+    stored = list_feature_names(features)
+    check_names(pairs, stored, f"the pairs file (against the features in '{features}')")
+    paired = {name for pair in pairs for name in pair}
+    return [name for name in stored if name in paired]
 
 
 def reconstruct_here(inputs: SfMInputs, options: SfMOptions, stamp: dict) -> SfMResult:
@@ -277,7 +287,8 @@ def _import_and_verify(inputs: SfMInputs, options: SfMOptions, database: Path, t
     start = time.perf_counter()
     pairs = read_pairs(inputs.pairs)
     image_ids = import_features(database, inputs.image_dir, inputs.features, options.camera_mode,
-                                options.camera_model, prior_std=options.pose_prior_std)
+                                options.camera_model, image_names=_image_names(inputs.features, pairs),
+                                prior_std=options.pose_prior_std)
     check_matches_fit(inputs.features, inputs.matches, sorted({name for pair in pairs for name in pair}))
     match_counts = import_matches(database, image_ids, pairs, inputs.matches, options.min_match_score)
     timings["import"] = time.perf_counter() - start
@@ -351,9 +362,15 @@ def _reconstruct(inputs: SfMInputs, options: SfMOptions) -> SfMResult:
             model.extract_colors_for_all_images(str(inputs.image_dir))
     model_dir = write_models(models, inputs.sparse_root)
     if len(models) > 1:
-        logger.warning("The scene split into %d models; the largest (%d images) is sparse/0",
-                       len(models), models[0].num_reg_images())
+        largest = {models[0].image(i).name for i in models[0].reg_image_ids()}
+        outside = {model.image(i).name for model in models[1:] for i in model.reg_image_ids()} - largest
+        if outside:
+            logger.warning("The scene split into %d models; the largest (%d images) is sparse/0, %d images are only "
+                           "in the others", len(models), models[0].num_reg_images(), len(outside))
+        else:  # e.g. a second start from views the first model already holds: nothing is missing from sparse/0
+            logger.info("%d smaller models re-use views of sparse/0 (%d images) and hold no other view",
+                        len(models) - 1, models[0].num_reg_images())
     engine = {"engine": choice.engine, "engine_reason": choice.reason, "engine_runs": choice.runs, **engine_extra}
     write_record(inputs.work_dir / _ENGINE, engine, indent=2)
-    return SfMResult(model_dir, len(list_feature_names(inputs.features)), num_models=len(models), timings=timings,
+    return SfMResult(model_dir, counts["images"], num_models=len(models), timings=timings,
                      **model_stats(models[0]), **engine)
