@@ -27,10 +27,12 @@ Without the refinement step the global mapper led temple_ring by 5 points (39.2 
 rule ran both engines on every scene to catch it; with it the engines agree within 0.7 points wherever both
 register everything, so the second run is kept for what only it fixes: views left out (the weakly linked ring,
 tests/test_sfm_engines.py). Global first would be wrong: it returns complete but wrong models (temple_ring_full
-above; the guessed-focal ring of the tests splits) and is the slower engine below a few hundred views. Splits are
-not merged: the only alignment pycolmap exposes (`align_reconstructions_via_*`) needs views common to both models,
-which split models need not share (the two halves of the weakly linked ring share none), and it has no call to
-merge the aligned points; the other engine's whole model is the remedy.
+above; the guessed-focal ring of the tests splits) and is the slower engine below a few hundred views.
+
+Split models that share views are merged after every engine (recon.sfm.merging), so rule 2 sees the merged model.
+pycolmap's alignment (`align_reconstructions_via_*`) needs views common to both models, which split models need
+not share (the two halves of the weakly linked ring share none): there the other engine's whole model is the
+remedy.
 
 The choice and the reason are logged and returned, and reach run.json through SfMResult.engine /
 engine_reason / engine_runs.
@@ -47,6 +49,7 @@ from typing import Any
 import pycolmap
 
 from .mapping import run_engine
+from .merging import merge_overlapping
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +109,12 @@ def map_scene(mapper: str, sections: dict[str, Any], database: Path, image_dir: 
         if runs and runs[first]["registered"] == num_images:
             break
         start = time.perf_counter()
-        results[engine] = run_engine(engine, sections, database, image_dir, staging, num_images, calibrate)
-        runs[engine] = _summary(results[engine], time.perf_counter() - start)
+        models, merges = merge_overlapping(
+            run_engine(engine, sections, database, image_dir, staging, num_images, calibrate))
+        results[engine] = models
+        runs[engine] = _summary(models, time.perf_counter() - start)
+        if merges:
+            runs[engine]["merged"] = [merge.to_dict() for merge in merges]
         logger.info("%s mapper: %d of %d views registered in its largest model (%d models, %.1f s)", engine,
                     runs[engine]["registered"], num_images, runs[engine]["models"], runs[engine]["seconds"])
     if mapper != "auto":
