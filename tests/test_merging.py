@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pycolmap
 import pytest
@@ -10,11 +12,19 @@ from recon.sfm.merging import MIN_SHARED_VIEWS, merge_overlapping
 
 
 @pytest.fixture(scope="module")
-def truth() -> pycolmap.Reconstruction:
+def scene(tmp_path_factory) -> tuple[pycolmap.Reconstruction, Path]:
+    """A synthesized scene of 12 views and 600 points, and its database (keypoints and correspondences)."""
     options = pycolmap.SyntheticDatasetOptions()
     options.num_rigs, options.num_cameras_per_rig, options.num_frames_per_rig = 1, 1, 12
     options.num_points3D = 600
-    return pycolmap.synthesize_dataset(options)
+    database = tmp_path_factory.mktemp("scene") / "database.db"
+    with pycolmap.Database.open(database) as db:
+        return pycolmap.synthesize_dataset(options, db), database
+
+
+@pytest.fixture(scope="module")
+def truth(scene) -> pycolmap.Reconstruction:
+    return scene[0]
 
 
 def _part(truth, frames: set[int], seed: int, drop: float = 0.3, tmp_path=None) -> pycolmap.Reconstruction:
@@ -84,3 +94,17 @@ def test_models_sharing_too_few_views_stay_apart(truth):
     models, merges = merge_overlapping([first, second])
     assert len(models) == 2 and not merges
     assert [m.num_reg_images() for m in models] == [7, 7]
+
+
+def test_tracks_of_merged_models_are_completed_through_the_database(scene):
+    """With the database, the tracks the two parts saw in no common keypoint are joined too: the scene's points,
+    each seen in every view, as synthesized."""
+    truth, database = scene
+    first = _part(truth, set(range(1, 9)), seed=1)
+    second = _moved(_part(truth, set(range(6, 13)), seed=2))
+    models, merges = merge_overlapping([first, second], database)
+    merged = models[0]
+    assert len(models) == 1 and merged.num_reg_images() == 12
+    assert merged.num_points3D() == truth.num_points3D()
+    assert merged.compute_num_observations() == truth.compute_num_observations()
+    assert merged.compute_mean_reprojection_error() < 1e-6

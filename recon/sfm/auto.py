@@ -83,6 +83,13 @@ def _summary(models: list[pycolmap.Reconstruction], seconds: float) -> dict:
     }
 
 
+def _triangulation(sections: dict[str, Any], engine: str) -> pycolmap.IncrementalTriangulatorOptions | None:
+    """The triangulation options of the incremental mapper `engine` ran (with the user's overrides), else None."""
+    if engine == "hierarchical":
+        return sections["hierarchical"].incremental_options.triangulation
+    return sections["incremental"].triangulation if "incremental" in sections else None
+
+
 def choose(runs: dict[str, dict]) -> tuple[str, str]:
     """The engine whose model to keep, and why (rules 2-3 of the module docstring)."""
     most = max(run["registered"] for run in runs.values())
@@ -110,7 +117,8 @@ def map_scene(mapper: str, sections: dict[str, Any], database: Path, image_dir: 
             break
         start = time.perf_counter()
         models, merges = merge_overlapping(
-            run_engine(engine, sections, database, image_dir, staging, num_images, calibrate))
+            run_engine(engine, sections, database, image_dir, staging, num_images, calibrate), database,
+            _triangulation(sections, engine))
         results[engine] = models
         runs[engine] = _summary(models, time.perf_counter() - start)
         if merges:
