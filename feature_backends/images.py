@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageReadError, InputError
+from .threads import ordered_map
 
 logger = logging.getLogger(__name__)
 
@@ -344,12 +344,4 @@ def map_images(
             image = error
         return function(name, image)
 
-    names = list(names)
-    ahead = max(1, 2 * workers if ahead is None else ahead)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(task, name) for name in names[:ahead]]
-        for index in range(len(names)):
-            if index + ahead < len(names):
-                futures.append(pool.submit(task, names[index + ahead]))
-            yield futures[index].result()
-            futures[index] = None  # release the decoded image
+    return ordered_map(task, names, workers, ahead)

@@ -117,3 +117,27 @@ def test_header_exif_reads_png_exif_without_decoding(tmp_path, monkeypatch):
     for path in (before, after):
         with Image.open(path) as image:
             assert header_exif(image)[0x0112] == 6
+
+
+def test_ordered_map_keeps_order_and_bounds_the_items_in_flight():
+    import threading
+    import time
+
+    from feature_backends.threads import ordered_map
+
+    started, lock = [], threading.Lock()
+
+    def work(item):
+        with lock:
+            started.append(item)
+        time.sleep(0.002 * (item % 3))  # out-of-order completion
+        return item * item
+
+    results = []
+    for result in ordered_map(work, range(40), workers=3, ahead=5):
+        with lock:  # never more than `ahead` items submitted beyond those already yielded
+            assert len(started) <= len(results) + 5
+        results.append(result)
+    assert results == [i * i for i in range(40)]
+    with pytest.raises(ZeroDivisionError):
+        list(ordered_map(lambda item: 1 / item, [2, 1, 0, 3], workers=2))

@@ -94,3 +94,29 @@ def test_bad_verifier_settings_are_clear_errors(tmp_path):
         verify(tmp_path / "none.db", {}, tmp_path, VerifierSettings("ransac"))
     with pytest.raises(ConfigError, match="0 < confidence < 1"):
         verify(tmp_path / "none.db", {}, tmp_path, VerifierSettings("magsac", confidence=1.5))
+
+
+@pytest.mark.parametrize("verifier", ["magsac", "poselib"])
+def test_verification_threads_do_not_change_the_geometries(synthetic_scene, synthetic_run, tmp_path, monkeypatch,
+                                                          verifier):
+    """Pairs are fitted on several threads (the estimators release the GIL) and written in order by one: one
+    thread and four give the same verified pairs with the same inliers."""
+    if verifier == "poselib":
+        pytest.importorskip("poselib")
+    from pairs.io import read_pairs
+    from recon.sfm import verifiers
+    from recon.sfm.database import import_features, import_matches
+
+    _, pairs_path, features, matches = _inputs(synthetic_scene, synthetic_run)
+    results = {}
+    for threads in (1, 4):
+        monkeypatch.setattr(verifiers, "verification_threads", lambda threads=threads: threads)
+        database = tmp_path / f"threads{threads}.db"
+        image_ids = import_features(database, synthetic_scene / "images", features)
+        counts = import_matches(database, image_ids, read_pairs(pairs_path), matches)
+        assert verify(database, counts, tmp_path, VerifierSettings(verifier)) >= 30
+        with pycolmap.Database.open(database) as db:
+            pair_ids, geometries = db.read_two_view_geometries()
+            results[threads] = {int(pair): np.asarray(g.inlier_matches).tolist()
+                                for pair, g in zip(pair_ids, geometries)}
+    assert results[1] == results[4]

@@ -12,8 +12,10 @@ are merged into one (`Reconstruction.merge_points3D`); then, as the incremental 
 adjustment, the merged model's tracks are completed and merged through the database's correspondences
 (`IncrementalMapper.complete_and_merge_tracks`), which joins the tracks the two models saw in no common keypoint.
 Models that share fewer than `MIN_SHARED_VIEWS` views, or whose alignment fails, stay apart (the weakly linked
-ring of the tests splits into halves that share none; there the global mapper is the remedy, recon.sfm.auto). The merged model then gets the stage's outlier filter and
-global bundle adjustment like any other (recon.sfm.refinement).
+ring of the tests splits into halves that share none; there the global mapper is the remedy, recon.sfm.auto).
+The merged model then gets the stage's outlier filter and global bundle adjustment like any other
+(recon.sfm.refinement). Cost: temple_ring_full's model cut into two of 30 and 22 views sharing 5, the second moved
+by a similarity, merged back in 0.3 s (47 views, camera centres as before to 1e-13, 7927 of its 7989 points).
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ def _add_tracks(target: pycolmap.Reconstruction, source: pycolmap.Reconstruction
     for point in source.points3D.values():
         new_elements, met = [], []
         for element in point.track.elements:
-            point2D = target.image(element.image_id).points2D[element.point2D_idx]
+            point2D = target.image(element.image_id).point2D(element.point2D_idx)  # not .points2D: a copy of all
             if point2D.has_point3D():
                 if point2D.point3D_id not in met:
                     met.append(point2D.point3D_id)

@@ -30,6 +30,7 @@ the COLMAP path keeps recon's grouped trial caps (recon.sfm.verification).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ import numpy as np
 import pycolmap
 
 from feature_backends.errors import ConfigError
+from feature_backends.threads import ordered_map
 
 from .database import colmap_name
 from .verification import verify_matches
@@ -88,18 +90,24 @@ def verify(database_path: str | Path, pair_match_counts: Mapping[tuple[str, str]
         images = {image.name: image for image in db.read_all_images()}
         cameras = {camera.camera_id: camera for camera in db.read_all_cameras()}
         keypoints: dict[int, np.ndarray] = {}
-        for name0, name1 in pair_match_counts:
-            image0, image1 = images[colmap_name(name0)], images[colmap_name(name1)]
-            matches = db.read_matches(image0.image_id, image1.image_id)
-            if len(matches) < settings.min_num_inliers:
-                continue
-            points = []
-            for image in (image0, image1):
-                if image.image_id not in keypoints:
-                    keypoints[image.image_id] = db.read_keypoints(image.image_id)[:, :2].astype(np.float64)
-                points.append(keypoints[image.image_id])
-            geometry = estimate(points[0][matches[:, 0]], points[1][matches[:, 1]],
-                                cameras[image0.camera_id], cameras[image1.camera_id], settings)
+
+        def pairs():  # read here, in the thread that owns the database
+            for name0, name1 in pair_match_counts:
+                image0, image1 = images[colmap_name(name0)], images[colmap_name(name1)]
+                matches = db.read_matches(image0.image_id, image1.image_id)
+                if len(matches) < settings.min_num_inliers:
+                    continue
+                for image in (image0, image1):
+                    if image.image_id not in keypoints:
+                        keypoints[image.image_id] = db.read_keypoints(image.image_id)[:, :2].astype(np.float64)
+                yield image0, image1, matches
+
+        def fit(pair):  # on a worker thread: the estimators release the GIL while they run
+            image0, image1, matches = pair
+            return pair, estimate(keypoints[image0.image_id][matches[:, 0]], keypoints[image1.image_id][matches[:, 1]],
+                                  cameras[image0.camera_id], cameras[image1.camera_id], settings)
+
+        for (image0, image1, matches), geometry in ordered_map(fit, pairs(), workers=verification_threads()):
             if geometry is None:
                 continue
             geometry, inliers = geometry
@@ -108,6 +116,14 @@ def verify(database_path: str | Path, pair_match_counts: Mapping[tuple[str, str]
             geometry.inlier_matches = np.ascontiguousarray(matches[inliers]).astype(np.uint32)
             db.write_two_view_geometry(image0.image_id, image1.image_id, geometry)
         return db.num_verified_image_pairs()
+
+
+def verification_threads() -> int:
+    """Threads fitting pairs: one per core available to this process, at most 16. PoseLib and OpenCV release the
+    GIL while they estimate (PoseLib's F on 40 pairs of 800 matches: 5.0-5.4 s on one thread, 2.9-3.0 s on two
+    here), and each pair's RANSAC has its own seed, so the geometries do not depend on the thread count."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, available))
 
 
 def _geometry(config: pycolmap.TwoViewGeometryConfiguration, **matrices) -> pycolmap.TwoViewGeometry:
