@@ -25,12 +25,11 @@ ground truth, against COLMAP's own SIFT pipeline) is measured by scripts/bench_s
 
 from __future__ import annotations
 
-import os
-
 import cv2
 import numpy as np
 
 from .base import LocalFeatures
+from .threads import available_cores
 
 
 #: Default cap on the images SIFT extracts at once (`num_threads` overrides it): ~0.25 GB each at 1600 px.
@@ -71,8 +70,7 @@ class SIFT(LocalFeatures):
         3072x2048 fountain_p11 image at 1600 px: +215 MB peak for OpenCV's pyramid, +25 MB decoded)."""
         if self.conf.num_threads is not None:
             return max(1, self.conf.num_threads)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return min(cores, MAX_IMAGE_THREADS)
+        return min(available_cores(), MAX_IMAGE_THREADS)
 
     def _extract_image(self, image: np.ndarray) -> dict[str, np.ndarray]:
         gray = image[..., 0] if image.shape[2] == 1 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)

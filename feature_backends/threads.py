@@ -5,6 +5,7 @@ most `ahead` items in flight so memory stays flat whatever the number of items. 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -31,6 +32,11 @@ def ordered_map(function: Callable[[Any], Any], items: Iterable[Any], workers: i
             if following is not _END:
                 window.append(pool.submit(function, following))
             yield result
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 _END = object()

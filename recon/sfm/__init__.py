@@ -286,10 +286,10 @@ def _import_and_verify(inputs: SfMInputs, options: SfMOptions, database: Path, t
     _enter("database import")
     start = time.perf_counter()
     pairs = read_pairs(inputs.pairs)
+    names = _image_names(inputs.features, pairs)
     image_ids = import_features(database, inputs.image_dir, inputs.features, options.camera_mode,
-                                options.camera_model, image_names=_image_names(inputs.features, pairs),
-                                prior_std=options.pose_prior_std)
-    check_matches_fit(inputs.features, inputs.matches, sorted({name for pair in pairs for name in pair}))
+                                options.camera_model, image_names=names, prior_std=options.pose_prior_std)
+    check_matches_fit(inputs.features, inputs.matches, names)
     match_counts = import_matches(database, image_ids, pairs, inputs.matches, options.min_match_score)
     timings["import"] = time.perf_counter() - start
     logger.info("Imported %d pairs with %d raw matches", len(pairs), sum(match_counts.values()))

@@ -30,7 +30,6 @@ the COLMAP path keeps recon's grouped trial caps (recon.sfm.verification).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 import pycolmap
 
 from feature_backends.errors import ConfigError
-from feature_backends.threads import ordered_map
+from feature_backends.threads import available_cores, ordered_map
 
 from .database import colmap_name
 from .verification import verify_matches
@@ -122,8 +121,7 @@ def verification_threads() -> int:
     """Threads fitting pairs: one per core available to this process, at most 16. PoseLib and OpenCV release the
     GIL while they estimate (PoseLib's F on 40 pairs of 800 matches: 5.0-5.4 s on one thread, 2.9-3.0 s on two
     here), and each pair's RANSAC has its own seed, so the geometries do not depend on the thread count."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(16, available))
+    return max(1, min(16, available_cores()))
 
 
 def _geometry(config: pycolmap.TwoViewGeometryConfiguration, **matrices) -> pycolmap.TwoViewGeometry:
