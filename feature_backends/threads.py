@@ -1,23 +1,26 @@
 """An ordered, bounded map over threads, for work whose native calls release the GIL (image decoding, OpenCV,
 PoseLib's RANSAC): `function(item)` for every item on `workers` threads, results yielded in the items' order, at
 most `ahead` items in flight so memory stays flat whatever the number of items. concurrent.futures'
-`Executor.map` submits every item at once, which holds every input (and result) in memory for a long stream."""
+`Executor.map` submits every item at once, which holds every input (and result) in memory for a long stream.
+The same map runs on a given executor (recon.executor's process pool)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Any
 
 
 def ordered_map(function: Callable[[Any], Any], items: Iterable[Any], workers: int = 2,
-                ahead: int | None = None) -> Iterator[Any]:
-    """`function(item)` for every item, computed on `workers` threads and yielded in order; `ahead` (default
-    2 x `workers`) bounds the items in flight. An exception from `function` is raised when its result is due."""
+                ahead: int | None = None, executor: Executor | None = None) -> Iterator[Any]:
+    """`function(item)` for every item, computed on `workers` threads (or by `executor`, which has `workers`
+    workers) and yielded in order; `ahead` (default 2 x `workers`) bounds the items in flight. An exception from
+    `function` is raised when its result is due."""
     ahead = max(1, 2 * workers if ahead is None else ahead)
     items = iter(items)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with nullcontext(executor) if executor is not None else ThreadPoolExecutor(max_workers=workers) as pool:
         window: list[Future] = []
         for item in items:
             window.append(pool.submit(function, item))

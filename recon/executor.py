@@ -1,5 +1,13 @@
 """Where a stage's work runs: in this process (`local`) or sharded over Ray actors (`ray`).
 
+`local` matching on the CPU forks one process per core (`ProcessPool`, `--workers`), each with one torch
+thread: matching is many small products and searches with Python between them, which torch's threads inside
+one process do not keep busy. temple_ring_full's 1081 pairs (SIFT, 2,000-2,400 keypoints per image, 2 cores):
+12.3 / 12.6 s in this process on two torch threads, 9.8 / 9.8 s on two forked processes, the same 113,079
+matches. Forked, the workers start in milliseconds with torch already imported (a spawned one imports it again,
+~2.7 s here) and read the features from the shared file themselves, so only image names and matches cross the
+pipes. Fork is used on Linux only (macOS' system libraries are not fork-safe); elsewhere the work stays here.
+
 A stage hands the executor a worker class (built once per worker: it loads the model once) and a stream of
 tasks (a few images, or one first image with its partners); the executor yields the workers' results, which are
 plain arrays, and the stage's driver writes them through feature_backends/store.py. HDF5 takes one writer, so
@@ -17,13 +25,20 @@ generated lazily, so the driver's memory does not grow with the number of images
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import signal
+import sys
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from feature_backends.errors import ConfigError
+from feature_backends.errors import ConfigError, ReconError
+from feature_backends.threads import available_cores, ordered_map
 
 from .options import option
 
@@ -43,7 +58,8 @@ class ExecutorOptions:
     workers: int | None = option(
         None, flags=("--workers",),
         help="ray: worker actors, each loading the model once (default: one per GPU of the cluster, else one per "
-             "--cpus-per-worker CPUs)")
+             "--cpus-per-worker CPUs); local: processes that match pairs on the CPU (default: one per core; 1: "
+             "match in this process)")
     ray_address: str | None = option(
         None, flags=("--ray-address",),
         help="ray: address of an existing cluster (default: $RAY_ADDRESS, else a local instance sized to the "
@@ -92,6 +108,79 @@ def run_tasks(options: ExecutorOptions | None, worker_class: type, worker_args: 
         yield from pool.map_ordered(tasks) if ordered else pool.map(tasks)
     finally:
         pool.close()
+
+
+def local_processes(options: ExecutorOptions | None) -> int:
+    """How many processes local CPU work may fork: --workers, else one per core; 1 where fork is not used."""
+    if not sys.platform.startswith("linux"):
+        return 1
+    if options is not None and options.workers is not None:
+        return options.workers
+    return available_cores()
+
+
+class ProcessPool:
+    """`worker_class(*worker_args)` built once in each of `count` forked processes (one torch thread each, Ctrl-C
+    left to this process); `map` yields `worker(task)` for every task in task order, at most 2 x `count` tasks in
+    flight. The processes fork when the pool is made: make it before opening HDF5 files here, so that no worker
+    inherits an open one. A worker that dies (the out-of-memory killer, a crash in native code) ends the map with
+    a one-line ReconError; what the driver wrote before stays."""
+
+    def __init__(self, worker_class: type, worker_args: tuple, count: int, what: str = "work"):
+        self.count, self.what = count, what
+        self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"),
+                                        initializer=_start_process_worker, initargs=(worker_class, worker_args))
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns about fork in a process with threads; the workers only run torch on one
+            # thread and read their own files, so no lock another thread holds is taken in them.
+            warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+            self._broken_is_error(lambda: [self.pool.submit(os.getpid).result() for _ in range(count)])
+
+    def map(self, tasks: Iterable[Any]) -> Iterator[Any]:
+        results = ordered_map(_run_process_worker, tasks, self.count, executor=self.pool)
+        while True:
+            result = self._broken_is_error(lambda: next(results, _END))
+            if result is _END:
+                return
+            yield result
+
+    def _broken_is_error(self, step: Callable[[], Any]) -> Any:
+        try:
+            return step()
+        except BrokenProcessPool:
+            raise ReconError(f"a {self.what} process died (out of memory? see dmesg); what was written is kept and a "
+                             f"rerun resumes from it; --workers 1 runs it in this process") from None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> ProcessPool:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+_process_worker: Any = None
+_process_error: BaseException | None = None
+
+
+def _start_process_worker(worker_class: type, worker_args: tuple) -> None:
+    global _process_worker, _process_error
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        _process_worker = worker_class(*worker_args)
+    except Exception as error:  # raised with the first task, as itself rather than as a broken pool
+        _process_error = error
+
+
+def _run_process_worker(task: Any) -> Any:
+    if _process_error is not None:
+        raise _process_error
+    return _process_worker(task)
 
 
 def connect(options: ExecutorOptions):

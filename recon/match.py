@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from feature_backends.store import FeatureReader, MatchWriter, read_stored_conf
 from pairs.io import check_names, read_pairs
 
 from .cache import ByteBudgetCache
-from .executor import ExecutorOptions, run_tasks
+from .executor import ExecutorOptions, ProcessPool, local_processes, run_tasks
 from .options import option
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,28 @@ class MatchWorker:
         return name0, [(name1, result) for (name1, _), result in zip(others, results)]
 
 
+#: Pairs per task of a local process pool: large enough to batch the products (and amortise the pipe), small
+#: enough to spread an image's partners over the processes.
+PAIRS_PER_TASK = 8
+
+#: Decoded features the driver and each local process keep in memory, together.
+CACHE_BYTES = 1 << 30
+
+
+class StoredFeaturesMatchWorker:
+    """A MatchWorker in a local process: it reads the features from features.h5 itself (through the store), so a
+    task is (name0, [name1, ...]) and only names and matches cross the pipe."""
+
+    def __init__(self, name: str, conf: Mapping[str, Any], features_path: Path, max_bytes: int):
+        self.worker = MatchWorker(name, conf, "cpu")
+        self.reader = FeatureReader(features_path)
+        self.cache = ByteBudgetCache(self.reader.read, max_bytes=max_bytes)
+
+    def __call__(self, task):
+        name0, partners = task
+        return self.worker((name0, self.cache[name0], [(name1, self.cache[name1]) for name1 in partners]))
+
+
 def match(
     options: MatchOptions | Mapping[str, Any] | str,
     pairs_path: str | Path,
@@ -71,7 +94,8 @@ def match(
 ) -> Path:
     """Write matches.h5 for every pair not in it yet. `executor`: where the matcher runs (recon.executor); with Ray,
     the groups of pairs sharing a first image are sharded over workers, which get the features from here (no
-    shared file system needed) and return the matches, written here by the one writer."""
+    shared file system needed) and return the matches, written here by the one writer. Locally on the CPU, the
+    pairs go to one forked process per core (`--workers`), which read the features themselves."""
     if isinstance(options, MatchOptions):
         options = options.backend_conf()
     distributed = executor is not None and executor.executor != "local"
@@ -83,9 +107,13 @@ def match(
     worker = MatchWorker(name, conf, "cpu" if distributed else device)
     logger.info("Matching %d pairs with %s: %s", len(pairs), name, worker.model.conf.to_dict())
     record = {"backend": name, "conf": worker.model.conf.to_dict()}
-    with FeatureReader(features_path) as reader:
+    processes = 1 if distributed or worker.model.device.type != "cpu" or len(pairs) <= PAIRS_PER_TASK else \
+        local_processes(executor)
+    cache_bytes = CACHE_BYTES // (processes + 1) if processes > 1 else CACHE_BYTES
+    with (ProcessPool(StoredFeaturesMatchWorker, (name, conf, Path(features_path), cache_bytes), processes,
+                      "matching") if processes > 1 else nullcontext()) as pool, FeatureReader(features_path) as reader:
         check_names(pairs, reader.names(), f"pairs file '{pairs_path}'")
-        cache = ByteBudgetCache(reader.read, max_bytes=1 << 30)  # pairs revisit the same images
+        cache = ByteBudgetCache(reader.read, max_bytes=cache_bytes)  # pairs revisit the same images
         with MatchWriter(matches_path, conf=record) as writer:
             current = {name: reader.fingerprint(name) for name in sorted({n for pair in pairs for n in pair})}
             stale = writer.adopt_features(current)
@@ -93,10 +121,15 @@ def match(
                 logger.warning("Recomputing the stored pairs of %d image(s) whose features changed since %s was "
                                "written: %s", len(stale), matches_path, ", ".join(sorted(stale)[:5]))
             todo = _write_featureless(writer, pending_pairs(writer, pairs, matches_path), cache)
-            tasks = ((name0, cache[name0], [(name1, cache[name1]) for name1 in partners])
-                     for name0, partners in _batches_by_first_image(todo, cache))
-            results = run_tasks(executor, MatchWorker, (name, conf, device), tasks) if distributed else \
-                map(worker, tasks)
+            batches = _batches_by_first_image(todo, cache)
+            if pool is not None:
+                results = pool.map((name0, partners[start:start + PAIRS_PER_TASK]) for name0, partners in batches
+                                   for start in range(0, len(partners), PAIRS_PER_TASK))
+            else:
+                tasks = ((name0, cache[name0], [(name1, cache[name1]) for name1 in partners])
+                         for name0, partners in batches)
+                results = run_tasks(executor, MatchWorker, (name, conf, device), tasks) if distributed else \
+                    map(worker, tasks)
             progress = tqdm(total=len(todo), desc=f"match {name}", unit="pair")
             for name0, matched in results:
                 for name1, result in matched:

@@ -11,6 +11,7 @@ from feature_backends.registry import get_backend, resolve
 from feature_backends.store import MatchReader
 from pairs.io import read_pairs, write_pairs
 from recon.cli import main
+from recon.executor import ExecutorOptions
 from recon.match import match
 
 
@@ -186,13 +187,73 @@ def test_match_resumes_after_interruption(synthetic_scene, synthetic_run, tmp_pa
         return original(self, features0, others)
 
     monkeypatch.setattr(MutualNearestNeighbor, "match_many", counting)
+    here = ExecutorOptions(workers=1)  # `matched` counts calls in this process
     with pytest.raises(Interrupt):
-        match("mnn", out / "pairs.txt", out / "features.h5", tmp_path / "m.h5")
+        match("mnn", out / "pairs.txt", out / "features.h5", tmp_path / "m.h5", executor=here)
     written = len(matched)
     assert 0 < written <= 20
     state["interrupt"], matched[:] = False, []
-    match("mnn", out / "pairs.txt", out / "features.h5", tmp_path / "m.h5")
+    match("mnn", out / "pairs.txt", out / "features.h5", tmp_path / "m.h5", executor=here)
     assert len(matched) == 66 - written  # only the missing pairs
+    with MatchReader(tmp_path / "m.h5") as again, MatchReader(out / "matches.h5") as reference:
+        for pair in read_pairs(out / "pairs.txt"):
+            np.testing.assert_array_equal(again.read(*pair)[0], reference.read(*pair)[0])
+
+
+def test_local_processes_match_like_this_process(synthetic_scene, synthetic_run, tmp_path, monkeypatch):
+    """Two forked processes match the pairs (each reading the features itself) and give this process' matches."""
+    import os
+
+    out = synthetic_run.out_dir
+    log = tmp_path / "pids.txt"
+    original = MutualNearestNeighbor.match_many
+
+    def logging_pid(self, features0, others):
+        with open(log, "a") as file:
+            file.write(f"{os.getpid()} {len(others)}\n")
+        return original(self, features0, others)
+
+    monkeypatch.setattr(MutualNearestNeighbor, "match_many", logging_pid)
+    match("mnn", out / "pairs.txt", out / "features.h5", tmp_path / "m2.h5", executor=ExecutorOptions(workers=2))
+    calls = [line.split() for line in log.read_text().splitlines()]
+    pids = {pid for pid, _ in calls}
+    assert len(pids) == 2 and str(os.getpid()) not in pids
+    assert sum(int(count) for _, count in calls) == 66
+    log.unlink()
+    match("mnn", out / "pairs.txt", out / "features.h5", tmp_path / "m1.h5", executor=ExecutorOptions(workers=1))
+    assert {line.split()[0] for line in log.read_text().splitlines()} == {str(os.getpid())}
+    with MatchReader(tmp_path / "m2.h5") as pooled, MatchReader(tmp_path / "m1.h5") as here:
+        for pair in read_pairs(out / "pairs.txt"):
+            for a, b in zip(pooled.read(*pair), here.read(*pair)):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_a_dying_match_process_is_one_line_and_keeps_what_was_written(synthetic_scene, synthetic_run, tmp_path,
+                                                                       monkeypatch):
+    """A worker killed mid-run (here: its fourth task exits the process, as the out-of-memory killer would)
+    ends the stage with a one-line error; the rerun resumes from the pairs written before."""
+    import os
+
+    from feature_backends.errors import ReconError
+
+    out = synthetic_run.out_dir
+    original = MutualNearestNeighbor.match_many
+    calls = {"count": 0}
+
+    def dying(self, features0, others):
+        calls["count"] += 1  # per process (forked copies)
+        if calls["count"] == 4:
+            os._exit(9)
+        return original(self, features0, others)
+
+    monkeypatch.setattr(MutualNearestNeighbor, "match_many", dying)
+    with pytest.raises(ReconError, match="matching process died.*rerun resumes.*--workers 1"):
+        match("mnn", out / "pairs.txt", out / "features.h5", tmp_path / "m.h5", executor=ExecutorOptions(workers=2))
+    monkeypatch.setattr(MutualNearestNeighbor, "match_many", original)
+    with MatchReader(tmp_path / "m.h5") as partial:
+        kept = sum(partial.has(*pair) for pair in read_pairs(out / "pairs.txt"))
+    assert 0 < kept < 66
+    match("mnn", out / "pairs.txt", out / "features.h5", tmp_path / "m.h5", executor=ExecutorOptions(workers=2))
     with MatchReader(tmp_path / "m.h5") as again, MatchReader(out / "matches.h5") as reference:
         for pair in read_pairs(out / "pairs.txt"):
             np.testing.assert_array_equal(again.read(*pair)[0], reference.read(*pair)[0])
