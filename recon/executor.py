@@ -134,7 +134,11 @@ class ProcessPool:
             # Python >= 3.12 warns about fork in a process with threads; the workers only run torch on one
             # thread and read their own files, so no lock another thread holds is taken in them.
             warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
-            self._broken_is_error(lambda: [self.pool.submit(os.getpid).result() for _ in range(count)])
+            try:
+                self._broken_is_error(lambda: [self.pool.submit(os.getpid).result() for _ in range(count)])
+            except BaseException:
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                raise
 
     def map(self, tasks: Iterable[Any]) -> Iterator[Any]:
         results = ordered_map(_run_process_worker, tasks, self.count, executor=self.pool)

@@ -105,13 +105,14 @@ def match(
     implied = matcher_class.conf_for_features(read_stored_conf(features_path))
     conf = {**implied, **backend_conf}
     worker = MatchWorker(name, conf, "cpu" if distributed else device)
-    logger.info("Matching %d pairs with %s: %s", len(pairs), name, worker.model.conf.to_dict())
     record = {"backend": name, "conf": worker.model.conf.to_dict()}
     processes = 1 if distributed or worker.model.device.type != "cpu" or len(pairs) <= PAIRS_PER_TASK else \
         local_processes(executor)
     cache_bytes = CACHE_BYTES // (processes + 1) if processes > 1 else CACHE_BYTES
-    with (ProcessPool(StoredFeaturesMatchWorker, (name, conf, Path(features_path), cache_bytes), processes,
-                      "matching") if processes > 1 else nullcontext()) as pool, FeatureReader(features_path) as reader:
+    pool = _process_pool(processes, (name, conf, Path(features_path), cache_bytes))
+    logger.info("Matching %d pairs with %s%s: %s", len(pairs), name,
+                f" on {processes} processes" if pool is not None else "", record["conf"])
+    with pool or nullcontext(), FeatureReader(features_path) as reader:
         check_names(pairs, reader.names(), f"pairs file '{pairs_path}'")
         cache = ByteBudgetCache(reader.read, max_bytes=cache_bytes)  # pairs revisit the same images
         with MatchWriter(matches_path, conf=record) as writer:
@@ -137,6 +138,18 @@ def match(
                 progress.update(len(matched))
             progress.close()
     return Path(matches_path)
+
+
+def _process_pool(processes: int, worker_args: tuple) -> ProcessPool | None:
+    """The local processes that match, or None to match here (one process asked for, or none can be forked:
+    e.g. a container without /dev/shm for the pool's semaphores)."""
+    if processes <= 1:
+        return None
+    try:
+        return ProcessPool(StoredFeaturesMatchWorker, worker_args, processes, "matching")
+    except OSError as error:
+        logger.warning("Matching in this process: cannot start %d matching processes (%s)", processes, error)
+        return None
 
 
 def pending_pairs(writer, pairs, matches_path) -> list[tuple[str, str]]:

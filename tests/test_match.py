@@ -259,6 +259,24 @@ def test_a_dying_match_process_is_one_line_and_keeps_what_was_written(synthetic_
             np.testing.assert_array_equal(again.read(*pair)[0], reference.read(*pair)[0])
 
 
+def test_matching_stays_here_when_no_process_can_start(synthetic_scene, synthetic_run, tmp_path, monkeypatch,
+                                                       caplog):
+    """Where the pool cannot start (a container without /dev/shm for its semaphores), the stage says so once and
+    matches in this process."""
+    import recon.executor
+
+    def no_semaphores(*args, **kwargs):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(recon.executor, "ProcessPoolExecutor", no_semaphores)
+    out = synthetic_run.out_dir
+    match("mnn", out / "pairs.txt", out / "features.h5", tmp_path / "m.h5", executor=ExecutorOptions(workers=2))
+    assert "Matching in this process: cannot start 2 matching processes" in caplog.text
+    with MatchReader(tmp_path / "m.h5") as again, MatchReader(out / "matches.h5") as reference:
+        for pair in read_pairs(out / "pairs.txt"):
+            np.testing.assert_array_equal(again.read(*pair)[0], reference.read(*pair)[0])
+
+
 def test_pairs_naming_unknown_image_is_a_clear_error(synthetic_scene, synthetic_run, tmp_path, capsys):
     out = synthetic_run.out_dir
     write_pairs(tmp_path / "pairs.txt", [("camera000001_frame000000.png", "nope.png")])
