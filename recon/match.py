@@ -9,6 +9,7 @@ Dense matchers (`roma`, `sift+roma`) have their own stage, recon.dense.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -114,7 +115,10 @@ def match(
                 f" on {processes} processes" if pool is not None else "", record["conf"])
     with pool or nullcontext(), FeatureReader(features_path) as reader:
         check_names(pairs, reader.names(), f"pairs file '{pairs_path}'")
-        cache = ByteBudgetCache(reader.read, max_bytes=cache_bytes)  # pairs revisit the same images
+        # Pairs revisit the same images. With matching processes, which read their own features, the driver only
+        # needs the keypoint counts (batches, featureless images).
+        load = reader.read if pool is None else functools.partial(reader.read, keys=["keypoints"])
+        cache = ByteBudgetCache(load, max_bytes=cache_bytes)
         with MatchWriter(matches_path, conf=record) as writer:
             current = {name: reader.fingerprint(name) for name in sorted({n for pair in pairs for n in pair})}
             stale = writer.adopt_features(current)
