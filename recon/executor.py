@@ -58,8 +58,8 @@ class ExecutorOptions:
     workers: int | None = option(
         None, flags=("--workers",),
         help="ray: worker actors, each loading the model once (default: one per GPU of the cluster, else one per "
-             "--cpus-per-worker CPUs); local: processes that match pairs on the CPU (default: one per core; 1: "
-             "match in this process)")
+             "--cpus-per-worker CPUs); local: processes that match pairs on the CPU (default: one per core, at most "
+             "16; 1: match in this process)")
     ray_address: str | None = option(
         None, flags=("--ray-address",),
         help="ray: address of an existing cluster (default: $RAY_ADDRESS, else a local instance sized to the "
@@ -110,13 +110,23 @@ def run_tasks(options: ExecutorOptions | None, worker_class: type, worker_args: 
         pool.close()
 
 
+#: Default ceiling of local processes (as verification's threads): each holds its own torch state and share of
+#: the feature cache; --workers goes beyond.
+MAX_LOCAL_PROCESSES = 16
+
+
 def local_processes(options: ExecutorOptions | None) -> int:
-    """How many processes local CPU work may fork: --workers, else one per core; 1 where fork is not used."""
+    """How many processes local CPU work may fork: --workers, else one per core (at most MAX_LOCAL_PROCESSES); 1
+    where fork is not used."""
+    asked = options.workers if options is not None else None
     if not sys.platform.startswith("linux"):
+        if asked is not None and asked > 1:
+            logger.warning("--workers %d: local worker processes are forked, which recon does on Linux only; "
+                           "running in this process", asked)
         return 1
-    if options is not None and options.workers is not None:
-        return options.workers
-    return available_cores()
+    if asked is not None:
+        return asked
+    return min(available_cores(), MAX_LOCAL_PROCESSES)
 
 
 class ProcessPool:

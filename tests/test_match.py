@@ -259,6 +259,20 @@ def test_a_dying_match_process_is_one_line_and_keeps_what_was_written(synthetic_
             np.testing.assert_array_equal(again.read(*pair)[0], reference.read(*pair)[0])
 
 
+def test_local_processes_default_to_the_cores_up_to_16(monkeypatch):
+    import sys
+
+    import recon.executor as executor
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    for cores, expected in ((2, 2), (64, 16)):
+        monkeypatch.setattr(executor, "available_cores", lambda: cores)
+        assert executor.local_processes(None) == expected
+        assert executor.local_processes(ExecutorOptions(workers=3)) == 3
+    monkeypatch.setattr(sys, "platform", "darwin")  # no fork there: the work stays in this process
+    assert executor.local_processes(ExecutorOptions(workers=3)) == 1
+
+
 def test_matching_stays_here_when_no_process_can_start(synthetic_scene, synthetic_run, tmp_path, monkeypatch,
                                                        caplog):
     """Where the pool cannot start (a container without /dev/shm for its semaphores), the stage says so once and
