@@ -6,7 +6,8 @@ one process do not keep busy. temple_ring_full's 1081 pairs (SIFT, 2,000-2,400 k
 the match stage took 14.0-15.1 s in this process on two torch threads and 10.7-11.7 s on two forked processes
 (the matcher alone: 12.3 / 12.6 against 9.8 / 9.8 s), the same 113,079 matches; 3 processes: 11.4 s. Forked,
 the workers start in milliseconds with torch already imported (a spawned one imports it again, ~2.7 s here) and
-read the features from the shared file themselves, so only image names and matches cross the pipes. Fork is used on Linux only (macOS' system libraries are not fork-safe); elsewhere the work stays here.
+read the features from the shared file themselves, so only image names and matches cross the pipes. Fork is
+used on Linux only (macOS' system libraries are not fork-safe); elsewhere the work stays here.
 
 A stage hands the executor a worker class (built once per worker: it loads the model once) and a stream of
 tasks (a few images, or one first image with its partners); the executor yields the workers' results, which are
